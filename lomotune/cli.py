@@ -1,0 +1,187 @@
+"""The `lomotune` command. Parses arguments, calls the library, prints. No logic here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune every parameter of a language model with memory close to inference.",
+)
+err = Console(stderr=True)
+SHIPPED_RECIPES = Path(__file__).parent / "recipes"
+
+
+def fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def find_recipe(name: str) -> Path:
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = SHIPPED_RECIPES / f"{name}.yaml"
+    return shipped if shipped.exists() else path
+
+
+@app.command()
+def train(
+    recipe: Annotated[
+        str, typer.Argument(help="recipe YAML file, or the name of a shipped recipe")
+    ],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.path=value overrides, e.g. optimizer.lr=3e-5")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace what the output folder holds")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the latest complete checkpoint")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="resume even if the recipe differs from the checkpoint's")
+    ] = False,
+    plain: Annotated[bool, typer.Option(help="plain log lines instead of the live view")] = False,
+) -> None:
+    """Fine-tune a model as a recipe says: live dashboard, checkpoints, final model."""
+    from lomotune.checkpoint import CheckpointError
+    from lomotune.data import DataError
+    from lomotune.models import ModelError
+    from lomotune.recipe import RecipeError, load_recipe
+    from lomotune.train import EXIT_BAD_INPUT, EXIT_SIGINT, TrainError
+    from lomotune.train import train as run_training
+
+    try:
+        parsed = load_recipe(find_recipe(recipe), overrides or [])
+        run_training(
+            parsed, overwrite=overwrite, resume=resume, force=force, live=False if plain else None
+        )
+    except RecipeError as e:
+        fail(str(e), EXIT_BAD_INPUT)
+    except (ModelError, DataError) as e:
+        fail(str(e), EXIT_BAD_INPUT)
+    except TrainError as e:
+        fail(str(e), e.exit_code)
+    except CheckpointError as e:
+        fail(str(e), 1)
+    except KeyboardInterrupt:
+        fail(
+            "aborted by a second interrupt; the last complete checkpoint is intact (resume with --resume)",
+            EXIT_SIGINT,
+        )
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes."""
+    import yaml
+
+    table = Table("name", "method", "model", "data", "path")
+    for path in sorted(SHIPPED_RECIPES.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        table.add_row(
+            path.stem,
+            str(raw.get("optimizer", {}).get("name", "lomo")),
+            str(raw.get("model", {}).get("name", "smollm2-135m")),
+            str(raw.get("data", {}).get("source", "")),
+            str(path),
+        )
+    Console().print(table)
+
+
+@app.command()
+def models(
+    fetch: Annotated[
+        str | None, typer.Option(help="fetch and convert this built-in model now")
+    ] = None,
+) -> None:
+    """List the built-in model aliases and whether each is in the cache."""
+    from lomotune.models import (
+        BUILTIN_MODELS,
+        TINY_ALIAS,
+        ModelError,
+        builtin_path,
+        fetch_builtin,
+        is_cached,
+    )
+
+    if fetch is not None:
+        if fetch not in BUILTIN_MODELS:
+            fail(f"no built-in model {fetch!r}; built-in: {', '.join(BUILTIN_MODELS)}", 2)
+        try:
+            fetch_builtin(BUILTIN_MODELS[fetch])
+        except ModelError as e:
+            fail(str(e), 2)
+    table = Table("alias", "description", "cached")
+    for alias, m in BUILTIN_MODELS.items():
+        table.add_row(
+            alias,
+            m.description,
+            str(builtin_path(alias)) if is_cached(alias) else "no (fetched on first use)",
+        )
+    table.add_row(
+        TINY_ALIAS, "2-layer Llama with random weights, built in memory (tests)", "always"
+    )
+    Console().print(table)
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="a run's output folder")]) -> None:
+    """Redraw the PNG of loss, tokens/s and memory of a run."""
+    from lomotune.plot import PlotError, plot_run
+
+    try:
+        print(plot_run(run_dir))
+    except PlotError as e:
+        fail(str(e), 2)
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Argument(help="a qlora-sgd run's model folder (PEFT adapter)")],
+    out: Annotated[Path, typer.Argument(help="where to write the merged model")],
+    merge: Annotated[bool, typer.Option(help="merge the adapter into the base weights")] = True,
+    base: Annotated[
+        str | None, typer.Option(help="base model (default: the one the adapter names)")
+    ] = None,
+    precision: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+) -> None:
+    """Write a full model from a LoRA adapter (`--merge`)."""
+    from lomotune.export import ExportError, merge_adapter
+
+    if not merge:
+        fail(
+            "only --merge is supported: the adapter folder itself is already the unmerged export", 2
+        )
+    try:
+        print(merge_adapter(base, adapter, out, precision, overwrite=overwrite))
+    except ExportError as e:
+        fail(str(e), 2)
+
+
+@app.command()
+def estimate() -> None:
+    """Predict peak GPU memory of a recipe (not available yet)."""
+    fail("`lomotune estimate` is not available yet in this version", 2)
+
+
+@app.command(name="eval")
+def evaluate() -> None:
+    """Score a model on SuperGLUE (not available yet)."""
+    fail("`lomotune eval` is not available yet in this version", 2)
+
+
+def main() -> None:
+    app(prog_name="lomotune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Merge trained LoRA adapters into their base model: one plain transformers folder that
+loads and runs with no peft and no bitsandbytes.
+
+The adapters of a qlora-sgd run were trained over a 4-bit base, but they are merged
+into the *original* base weights, loaded in bf16/fp32/fp16: merging into the NF4 base
+would dequantize it, add the update and quantize it again, which rounds away most of
+what the adapters learned (and leaves a 4-bit model besides). The merged model computes
+W + (alpha/r) B A with the original W, i.e. what the adapters compute over that base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lomotune.models import DTYPES, load_model
+from lomotune.recipe import ModelConfig
+
+
+class OutputExistsError(FileExistsError):
+    """An output folder that already holds something; the message says how to proceed."""
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty `out_dir` unless `overwrite`; nothing written is lost silently."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"output folder {out} is not empty; choose another folder, or pass overwrite=True "
+            "(--overwrite) to replace what is there"
+        )
+    return out
+
+
+def adapter_base_model(adapter_dir: str | Path) -> str | None:
+    """The base model named in a PEFT adapter folder's adapter_config.json, if any."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    if not config.exists():
+        raise FileNotFoundError(
+            f"{adapter_dir} has no adapter_config.json; point it at a folder written by save_adapter "
+            "(a qlora-sgd run's output folder or checkpoint)"
+        )
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
+
+
+def merge_adapter(
+    base_model: str | Path | None,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    precision: str = "bf16",
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Load the base (`base_model`: a folder, built-in alias or hub id; None = the one
+    named in the adapter's config) in `precision`, apply the adapters, merge them into
+    its weights and save model + tokenizer as safetensors in `out_dir`.
+
+    Written to a temporary folder beside `out_dir` and renamed when complete."""
+    from peft import PeftModel
+
+    if precision not in DTYPES:
+        raise ValueError(
+            f"precision {precision!r}: merge into the original weights in one of {', '.join(DTYPES)}; "
+            "merging into a 4-bit base would round the adapters' update away"
+        )
+    out = check_output_dir(out_dir, overwrite)
+    adapter_dir = Path(adapter_dir).expanduser()
+    if out.resolve() == adapter_dir.resolve():
+        raise OutputExistsError(
+            f"{out} is the adapter folder itself; write the merged model to another folder"
+        )
+    named = adapter_base_model(adapter_dir)
+    if base_model is None:
+        if named is None:
+            raise ValueError(
+                f"{adapter_dir}/adapter_config.json names no base model; pass the base model "
+                "(the model.name the adapters were trained on)"
+            )
+        base_model = named
+
+    cfg = ModelConfig(
+        name=str(base_model),
+        precision=precision,
+        activation_checkpointing=False,
+        trust_remote_code=trust_remote_code,
+    )
+    loaded = load_model(cfg, torch.device("cpu"), quantize_4bit=False)
+    peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+    merged = peft_model.merge_and_unload()
+    merged.config.use_cache = True  # load_model turns the KV cache off for training
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-merge-") as tmp:
+        staged = Path(tmp) / "model"
+        merged.save_pretrained(
+            str(staged)
+        )  # safetensors (the default, and the only format in transformers 5)
+        loaded.tokenizer.save_pretrained(str(staged))
+        if out.exists():
+            shutil.rmtree(out)  # empty, or overwrite=True
+        os.replace(staged, out)
+    return out

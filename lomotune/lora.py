@@ -1,0 +1,138 @@
+"""LoRA adapters over a frozen base, for qlora-sgd (QLoRA, arXiv 2305.14314).
+
+The base comes from `models.load_model(..., quantize_4bit=True)`: every linear layer of
+the decoder is a bitsandbytes `Linear4bit` holding NF4 weights with double quantization
+(the absmax constants quantized again to 8 bits). `add_lora_adapters` wraps it in a
+PEFT `PeftModel` whose only trainable parameters are the adapters, so that the fused
+engine, which updates every parameter with `requires_grad`, touches nothing else.
+
+Why not peft's `prepare_model_for_kbit_training`: it casts every parameter that is not
+4-bit (embeddings, lm_head, norms) to fp32. On SmolLM2-135M the tied embedding alone is
+28M of its 135M parameters, so that cast doubles the largest non-quantized tensor: the
+opposite of what a 4-bit base is for. Its other jobs are not needed here:
+- freezing the base: `get_peft_model` already freezes everything but the adapters
+  (checked below, so a change in peft cannot silently train the base);
+- fp32 norms: Llama's RMSNorm already computes its variance in fp32;
+- input embeddings that require grad, for reentrant checkpointing: `load_model` uses
+  non-reentrant checkpointing (`use_reentrant=False`), which passes gradients to the
+  adapters inside a checkpointed layer whether or not the layer's input requires grad
+  (transformers marks the embedding output as requiring grad anyway; a test runs the
+  adapters' backward with checkpointing on).
+The adapters themselves are kept in fp32 (peft's `autocast_adapter_dtype`): they are
+small, and the fused SGD update then needs no rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lomotune.models import logical_numel
+from lomotune.recipe import LoraConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+
+def add_lora_adapters(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
+    """Freeze `model` and wrap it in a PEFT LoRA model; returns the `PeftModel`.
+
+    `cfg.target_modules` is a list of module names or "all-linear" (peft's own keyword:
+    every linear layer but the output head, 4-bit `Linear4bit` layers included)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_cfg = PeftLoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+    )
+    try:
+        peft_model = get_peft_model(model, peft_cfg)
+    except ValueError as e:  # e.g. target modules that match nothing
+        raise ValueError(f"optimizer.lora.target_modules: {e}") from None
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    stray = [n for n in trainable if "lora_" not in n]
+    if stray or not trainable:
+        raise RuntimeError(
+            f"LoRA should train only adapter parameters; trainable: {stray or 'none'}"
+        )
+    return peft_model
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the adapters in PEFT format (adapter_config.json + adapter_model.safetensors):
+    `PeftModel.from_pretrained(base, out_dir)` loads them. The config names the base
+    model's folder or hub id, so `export.merge_adapter` can find it."""
+    from lomotune.export import check_output_dir
+
+    out = check_output_dir(out_dir, overwrite)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes, for the dashboard
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    trainable_params: int  # adapter parameters
+    total_params: int  # base + adapters, 4-bit weights counted as their unpacked count
+    base_weight_bytes: int  # bytes the frozen base holds: parameters, buffers, quant state
+
+
+def describe_adapters(model: torch.nn.Module) -> AdapterSummary:
+    """Trainable and total parameter counts and the base's weight bytes, as measured
+    from the tensors themselves (tied weights and shared tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = base_bytes = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = logical_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    seen_storage: set[int] = set()
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            base_bytes += tensor_bytes(p, seen_storage)
+    for b in model.buffers():
+        base_bytes += tensor_bytes(b, seen_storage)
+    return AdapterSummary(
+        trainable_params=trainable, total_params=total, base_weight_bytes=base_bytes
+    )
+
+
+def tensor_bytes(t: torch.Tensor, seen: set[int] | None = None) -> int:
+    """Bytes held by `t` and, for a 4-bit parameter, by its quantization state: absmax
+    (8-bit under double quantization), the NF4 code, and the second level's absmax and
+    code. Tensors whose storage is in `seen` are skipped (and new ones added)."""
+    seen = set() if seen is None else seen
+    parts = [t]
+    state = getattr(t, "quant_state", None)
+    while state is not None:
+        parts += [
+            x
+            for x in (state.absmax, state.code, getattr(state, "offset", None))
+            if torch.is_tensor(x)
+        ]
+        state = getattr(state, "state2", None)  # double quantization: the absmax's own state
+    total = 0
+    for x in parts:
+        ptr = x.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += x.untyped_storage().nbytes()
+    return total

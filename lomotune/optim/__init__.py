@@ -1,0 +1,56 @@
+"""The methods. One file per update rule; `build_engine` picks the engine for a recipe:
+
+- fused (lomo, adalomo, qlora-sgd): `FusedEngine` + the method's update rule;
+- mezo: `MezoEngine`, forward passes only;
+- baselines (adamw, sgd, adam-mini): `OptimizerEngine` around a torch optimizer.
+
+Every engine has the same surface: `step(batches, lr) -> StepResult`, `state_dict()`,
+`load_state_dict()`, `close()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lomotune.optim.engine import DynamicLossScale, FusedEngine, LossFn
+from lomotune.recipe import Recipe
+
+
+def build_engine(recipe: Recipe, model: torch.nn.Module, loss_fn: LossFn):
+    opt = recipe.optimizer
+    seed = recipe.training.seed
+    if opt.name in ("lomo", "qlora-sgd", "adalomo"):
+        if opt.name == "adalomo":
+            from lomotune.optim.adalomo import AdaLomoRule
+
+            rule = AdaLomoRule(weight_decay=opt.weight_decay)
+        else:
+            from lomotune.optim.lomo import LomoRule
+
+            rule = LomoRule(weight_decay=opt.weight_decay)
+        scale = None
+        if recipe.model.precision == "fp16":
+            scale = DynamicLossScale(opt.loss_scale, opt.loss_scale_window)
+        return FusedEngine(
+            model,
+            rule,
+            loss_fn,
+            clip=opt.clip,
+            stochastic_rounding=opt.stochastic_rounding,
+            loss_scale=scale,
+            seed=seed,
+        )
+    if opt.name == "mezo":
+        from lomotune.optim.mezo import MezoEngine
+
+        return MezoEngine(
+            model,
+            loss_fn,
+            eps=opt.zo_eps,
+            directions=opt.zo_directions,
+            weight_decay=opt.weight_decay,
+            seed=seed,
+        )
+    from lomotune.optim.baseline import OptimizerEngine, build_optimizer
+
+    return OptimizerEngine(model, build_optimizer(model, opt), loss_fn, clip=opt.clip)

@@ -1,0 +1,130 @@
+"""The baselines: an ordinary optimizer (AdamW, SGD, Adam-mini) stepping after a full
+backward, with gradient accumulation. Same surface as the fused engine, so that a
+comparison differs in the method only."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+
+from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
+from lomotune.recipe import ClipConfig, OptimizerConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    device = params[0].device
+    if cfg.name == "adamw":
+        # fused kernels on CUDA, foreach elsewhere: the fastest torch offers per device.
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **fast
+        )
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    if cfg.name == "adam-mini":
+        from adam_mini import Adam_mini
+
+        config = model.config
+        # Adam-mini prints a line per parameter block while it partitions: keep that off
+        # the dashboard.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return Adam_mini(
+                named,
+                lr=cfg.lr,
+                betas=cfg.betas,
+                eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+                dim=config.hidden_size,
+                n_heads=config.num_attention_heads,
+                n_kv_heads=getattr(config, "num_key_value_heads", None)
+                or config.num_attention_heads,
+                verbose=False,
+            )
+    raise ValueError(f"not a baseline optimizer: {cfg.name}")
+
+
+class OptimizerEngine:
+    """backward over every micro-batch (gradients summed), clip, optimizer.step()."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        *,
+        clip: ClipConfig,
+    ):
+        if clip.mode == "previous":
+            raise ValueError(
+                "clip.mode previous is for fused methods; a baseline has every gradient at once: use exact"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.clip = clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step_count = 0
+
+    def step(self, batches: list[Batch], lr: float) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total_loss, tokens = 0.0, 0
+        for batch in batches:
+            loss_sum, _ = self.loss_fn(batch)
+            # Each micro-batch weighs by its label tokens: the sum is the mean over all.
+            (loss_sum / max(label_tokens, 1)).backward()
+            total_loss += float(loss_sum.detach())
+            tokens += count_tokens(batch)
+        result = StepResult(
+            loss=total_loss / max(label_tokens, 1), tokens=tokens, loss_tokens=label_tokens
+        )
+        if not torch.isfinite(torch.tensor(result.loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            result.skipped = "non-finite loss"
+            return result
+        if self.clip.mode == "exact":
+            result.grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip.max_norm)
+            )
+        elif self.clip.mode == "per-tensor":
+            for p in self.params:
+                if p.grad is not None:
+                    torch.nn.utils.clip_grad_norm_([p], self.clip.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return result
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Optimizer state as (tensors keyed 'index/key', JSON-able rest)."""
+        sd = self.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for index, state in sd["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{index}/{key}"] = value
+                else:
+                    scalars[f"{index}/{key}"] = value
+        meta = {
+            "step_count": self.step_count,
+            "param_groups": sd["param_groups"],
+            "scalars": scalars,
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        state: dict[int, dict] = {}
+        for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+            index, key = flat.split("/", 1)
+            state.setdefault(int(index), {})[key] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.step_count = int(meta["step_count"])
+
+    def close(self) -> None:
+        pass

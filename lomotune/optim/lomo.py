@@ -1,0 +1,21 @@
+"""LOMO (arXiv 2306.09782): plain SGD, applied by the fused engine inside backward."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LomoRule:
+    """p <- p - lr * (g + weight_decay * p): torch.optim.SGD without momentum.
+    Clipping and loss scaling are applied to g by the engine before this runs."""
+
+    def __init__(self, weight_decay: float = 0.0):
+        self.weight_decay = weight_decay
+
+    def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}  # SGD keeps nothing between steps
+
+    def apply(self, param, grad, state, lr: float, step: int) -> None:
+        if self.weight_decay:
+            grad.add_(param, alpha=self.weight_decay)  # coupled, as torch.optim.SGD
+        param.add_(grad, alpha=-lr)

@@ -1,0 +1,210 @@
+"""MeZO (arXiv 2305.17333): zeroth-order SGD with forward passes only, in place.
+
+One step, as Algorithm 1 of the paper (and `zo_step` / `zo_update` of its code,
+princeton-nlp/MeZO large_models/trainer.py):
+
+    draw a seed s
+    theta += eps z(s);     l+ = L(theta + eps z)
+    theta -= 2 eps z(s);   l- = L(theta - eps z)
+    theta += eps z(s)                                     restore
+    g = (l+ - l-) / (2 eps)                               the projected gradient
+    theta -= lr (g z(s) + wd theta)                       no decay on biases and norms
+
+z ~ N(0, 1) has the shape and dtype of each parameter and is never stored: it is drawn
+again from the seed whenever it is needed, one parameter at a time, by a generator on
+the parameter's own device seeded with (step seed, parameter index). So the memory is
+that of inference plus a parameter-sized temporary or two (z; in the update also the
+sum over directions and wd * theta), never at the same time as the activations, and
+everything runs under `torch.no_grad` (no graph, no `.grad`).
+
+Options:
+- n-SPSA (`directions` = n): n seeds per step, each with its own l+, l- at the same
+  theta; the update uses the mean of g_i z_i (the paper's n-SPSA estimate; the MeZO
+  code's medium-model trainer divides each g_i by n and sums).
+- several micro-batches per step: l+ and l- are the token-weighted mean losses over all
+  of them, with the same z: exactly one step on the concatenated batch.
+- only `requires_grad` parameters are perturbed and updated (LoRA adapters, say).
+
+Step seeds are a pure function of (seed, step number), so a resume is exact with the
+step count alone.
+
+The restore is exact in real arithmetic only. Each in-place add rounds, and
+x -> x + eps z is many-to-one in floating point, so no in-place scheme can undo it
+bitwise without storing something: (theta + eps z) - 2 eps z + eps z ends one or two
+units in the last place away from theta for about half the elements (measured on the
+tiny Llama, fp32 and bf16), as in the MeZO code. In fp32 this is ~1e-7 relative, far
+below any update; in bf16 it is ~4e-3 relative, a random walk larger than a typical
+lr * g * z, so MeZO wants fp32 weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """A 64-bit hash of integers (splitmix64 steps): seeds for torch.Generator that do
+    not collide for nearby (seed, step, direction, parameter) tuples."""
+    h = 0
+    for v in values:
+        h = (h + (v & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h
+
+
+def no_weight_decay(name: str) -> bool:
+    """Biases and norm weights are not decayed. The MeZO code tests for "bias",
+    "layer_norm" and "layernorm", which misses Llama's final `model.norm.weight` (and
+    q_norm / k_norm of newer models): any name containing "norm" is excluded here."""
+    return "bias" in name or "norm" in name
+
+
+class MezoEngine:
+    """Steps `model` with MeZO; the same surface as `FusedEngine`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        *,
+        eps: float = 1e-3,
+        directions: int = 1,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ):
+        if eps <= 0:
+            raise ValueError(f"MeZO needs a positive perturbation size; got {eps=}")
+        if directions < 1:
+            raise ValueError(f"MeZO needs at least one direction per step; got {directions=}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.eps = eps
+        self.directions = directions
+        self.weight_decay = weight_decay
+        self.seed = seed
+        self.step_count = 0  # steps taken, skipped ones included: no seed is used twice
+        # Trainable parameters, each once (tied weights appear once in named_parameters).
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("MeZO found no trainable parameter (requires_grad) in the model")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.decay = [not no_weight_decay(n) for n in self.names]
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # -- the step ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, batches: list[Batch], lr: float) -> StepResult:
+        if not batches:
+            raise ValueError("a MeZO step needs at least one micro-batch")
+        self.step_count += 1
+        seeds = [self.direction_seed(self.step_count, d) for d in range(self.directions)]
+        was_training = self.model.training
+        self.model.eval()  # no dropout: l+ and l- must see the same function
+        try:
+            plus, minus, n = self._evaluate(seeds, batches)
+        finally:
+            self.model.train(was_training)
+
+        # The MeZO trainer logs l+, the loss at theta + eps z: so do we (mean over directions).
+        result = StepResult(
+            loss=sum(plus) / len(plus),
+            tokens=sum(count_tokens(b) for b in batches),
+            loss_tokens=n,
+        )
+        if len(minus) < len(seeds) or not all(map(math.isfinite, plus + minus)):
+            result.skipped = "non-finite loss"
+            return result
+        projected = [(lp - lm) / (2 * self.eps) for lp, lm in zip(plus, minus, strict=True)]
+        self._update(seeds, projected, lr)
+        return result
+
+    def _evaluate(
+        self, seeds: list[int], batches: list[Batch]
+    ) -> tuple[list[float], list[float], int]:
+        """l+ and l- for each direction; theta is restored after each. Stops at the first
+        non-finite loss (theta restored, fewer l- than seeds)."""
+        plus: list[float] = []
+        minus: list[float] = []
+        n = 0
+        for seed in seeds:
+            self._perturb(seed, self.eps)
+            lp, n = self._loss(batches)
+            plus.append(lp)
+            if not math.isfinite(lp):
+                self._perturb(seed, -self.eps)
+                break
+            self._perturb(seed, -2 * self.eps)
+            lm, _ = self._loss(batches)
+            minus.append(lm)
+            self._perturb(seed, self.eps)
+            if not math.isfinite(lm):
+                break
+        return plus, minus, n
+
+    def _loss(self, batches: list[Batch]) -> tuple[float, int]:
+        """Mean loss per label token over all micro-batches (token-weighted)."""
+        total, n = 0.0, 0
+        for batch in batches:
+            loss_sum, k = self.loss_fn(batch)
+            total += float(loss_sum)
+            n += k
+        return total / max(n, 1), n
+
+    @torch.no_grad()
+    def _perturb(self, seed: int, scale: float) -> None:
+        # theta <- theta + scale * z, one parameter at a time.
+        for index, p in enumerate(self.params):
+            z = self._z(p, seed, index)
+            p.add_(z.mul_(scale))
+            del z
+
+    @torch.no_grad()
+    def _update(self, seeds: list[int], projected: list[float], lr: float) -> None:
+        # theta <- theta - lr * (mean_i(g_i z_i) + wd * theta), in the parameter's dtype.
+        for index, p in enumerate(self.params):
+            update = None
+            for seed, g in zip(seeds, projected, strict=True):
+                gz = self._z(p, seed, index).mul_(g)
+                update = gz if update is None else update.add_(gz)
+            if len(seeds) > 1:
+                update.div_(len(seeds))
+            if self.weight_decay and self.decay[index]:
+                update.add_(p * self.weight_decay)
+            p.sub_(update.mul_(lr))
+            del update
+
+    # -- randomness --------------------------------------------------------------------
+
+    def direction_seed(self, step: int, direction: int) -> int:
+        """The seed of one direction of one step (1-based step): a pure function of
+        (engine seed, step, direction)."""
+        return _mix(self.seed, step, direction)
+
+    def _z(self, param: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+        gen = self._generators.get(param.device)
+        if gen is None:
+            gen = self._generators[param.device] = torch.Generator(device=param.device)
+        gen.manual_seed(_mix(seed, index))
+        return torch.randn(param.shape, generator=gen, dtype=param.dtype, device=param.device)
+
+    # -- state -------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """No tensors: z is drawn again from (seed, step), so the step count is all."""
+        return {}, {"step_count": self.step_count}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.step_count = int(meta["step_count"])
+
+    def close(self) -> None:
+        pass  # no hooks to remove

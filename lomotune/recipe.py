@@ -1,0 +1,332 @@
+"""The recipe: one YAML file (plus `key=value` overrides) -> one validated `Recipe`.
+
+Every problem in a recipe is collected and reported together, each with the key path
+and how to fix it (`RecipeError`). Unknown keys are errors with a "did you mean".
+Defaults live here, in the schema, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Precision = Literal["bf16", "fp16", "fp32"]
+MethodName = Literal["lomo", "adalomo", "mezo", "qlora-sgd", "adamw", "sgd", "adam-mini"]
+
+# Methods whose update is applied inside backward: no gradient survives a micro-batch,
+# so gradients cannot be accumulated over several of them.
+FUSED_METHODS = ("lomo", "adalomo", "qlora-sgd")
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run. `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        lines = [f"{self.source} has {len(self.problems)} problem(s):"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m", description="built-in alias, local folder, or hub id")
+    precision: Precision = "bf16"
+    activation_checkpointing: bool = True
+    trust_remote_code: bool = False
+    # Tokens per chunk of the chunked loss: the fp32 logits never exist whole.
+    loss_chunk_tokens: int = Field(1024, ge=16)
+
+
+class DataConfig(Section):
+    source: str = Field("builtin:dates", description="file, hub:org/name, or builtin:NAME")
+    format: Literal["text", "prompt-completion", "alpaca", "chat"] = "prompt-completion"
+    split: str = "train"
+    eval_split: str | None = Field(None, description="a split of the source; else eval_fraction")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(512, ge=8)
+    packing: bool = False
+    train_on_prompt: bool = False
+    on_bad_rows: Literal["error", "skip"] = "error"
+    # Field names, for sources whose columns are named otherwise.
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    # Built-in generated datasets: how many examples.
+    num_examples: int = Field(2000, ge=1)
+
+
+class ClipConfig(Section):
+    mode: Literal["none", "exact", "previous", "per-tensor"] = "none"
+    max_norm: float = Field(1.0, gt=0.0)
+
+
+class LoraConfig(Section):
+    r: int = Field(64, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class OptimizerConfig(Section):
+    name: MethodName = "lomo"
+    lr: float = Field(1e-3, gt=0.0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    clip: ClipConfig = ClipConfig()
+    gradient_accumulation: int = Field(1, ge=1)
+    # bf16 weights: round updates stochastically so that small updates are not lost.
+    stochastic_rounding: bool = True
+    # fp16 dynamic loss scaling.
+    loss_scale: float = Field(2.0**16, gt=0.0)
+    loss_scale_window: int = Field(1000, ge=1)
+    # Adam-family and AdaLomo constants.
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    # MeZO: perturbation size and number of directions per step (n-SPSA).
+    zo_eps: float = Field(1e-3, gt=0.0)
+    zo_directions: int = Field(1, ge=1)
+    # LoRA adapters: required by qlora-sgd, optional for mezo.
+    lora: LoraConfig | None = None
+
+
+class TrainingConfig(Section):
+    batch_size: int = Field(8, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    eval_every: int = Field(50, ge=0)
+    eval_batches: int | None = Field(None, ge=1, description="cap on eval batches; None = all")
+    save_every: int = Field(0, ge=0, description="0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    seed: int = 42
+    output_dir: str = "runs/default"
+    max_bad_steps: int = Field(
+        5, ge=1, description="stop after this many non-finite steps in a row"
+    )
+    # Exact-match accuracy by greedy generation, before and after training
+    # (built-in tasks and prompt-completion data).
+    generate_eval_examples: int = Field(0, ge=0)
+    generate_max_new_tokens: int = Field(16, ge=1)
+
+
+class HardwareConfig(Section):
+    gpus: int | Literal["auto"] = Field("auto", description="0 = CPU; auto = one GPU if present")
+    nodes: int = Field(1, ge=1)
+    processes: int = Field(1, ge=1, description="CPU processes when gpus is 0")
+    threads: int | None = Field(None, ge=1, description="CPU threads; None = torch's default")
+
+
+class Recipe(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    training: TrainingConfig = TrainingConfig()
+    hardware: HardwareConfig = HardwareConfig()
+    resume: Literal["never", "auto"] = "never"
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Recipe:
+        problems = combination_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def combination_problems(r: Recipe) -> list[str]:
+    """Settings that are each valid but cannot go together. One line per problem."""
+    problems = []
+    opt = r.optimizer
+    if r.training.max_steps is None and r.training.epochs is None:
+        problems.append("training: set training.max_steps or training.epochs")
+    if r.training.max_steps is not None and r.training.epochs is not None:
+        problems.append(
+            "training: both max_steps and epochs are set; choose one (remove the other)"
+        )
+    if opt.name in FUSED_METHODS and opt.gradient_accumulation > 1:
+        problems.append(
+            f"optimizer.gradient_accumulation: {opt.name} applies each update inside "
+            "backward, so gradients from several micro-batches cannot be summed first. "
+            "Set gradient_accumulation: 1 and raise training.batch_size instead (with "
+            "model.activation_checkpointing: true to keep activations small), or use "
+            "adamw/sgd/adam-mini/mezo, which can accumulate"
+        )
+    if opt.name not in FUSED_METHODS and opt.clip.mode == "previous":
+        problems.append(
+            f"optimizer.clip.mode: 'previous' saves the second backward of fused methods; "
+            f"{opt.name} has every gradient at once, so use clip.mode: exact"
+        )
+    if isinstance(r.hardware.gpus, int) and r.hardware.gpus < 0:
+        problems.append("hardware.gpus: must be 0 (CPU), a GPU count, or auto")
+    if opt.name == "mezo" and opt.clip.mode != "none":
+        problems.append(
+            "optimizer.clip.mode: mezo estimates one scalar per direction; there is no "
+            "gradient to clip. Set clip.mode: none"
+        )
+    if opt.name == "qlora-sgd" and r.model.precision == "fp16":
+        problems.append(
+            "model.precision: qlora-sgd computes in bf16 or fp32 over its 4-bit base; "
+            "set model.precision: bf16"
+        )
+    if opt.lora is not None and opt.name not in ("qlora-sgd", "mezo"):
+        problems.append(
+            f"optimizer.lora: {opt.name} trains every parameter; LoRA adapters are for "
+            "qlora-sgd and mezo. Remove optimizer.lora or change optimizer.name"
+        )
+    return problems
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (or start from defaults when `path` is None), apply
+    `key.path=value` overrides, validate. Raises RecipeError with every problem."""
+    source = str(path) if path is not None else "recipe"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(Path(path))
+    problems: list[str] = []
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise RecipeError(problems, source)
+    recipe = validate_recipe(raw, source)
+    if path is not None:
+        recipe = resolve_paths(recipe, Path(path).resolve().parent)
+    return recipe
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise RecipeError(
+            [f"no such file: {path}. Check the path (`lomotune recipes` lists the shipped ones)"],
+            str(path),
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError([f"not valid YAML{where}: {problem}"], str(path)) from None
+    except OSError as e:
+        raise RecipeError([f"cannot read it: {e.strerror}"], str(path)) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            [
+                f"the top level must be a mapping of sections (model:, data:, ...), not a {type(raw).__name__}"
+            ],
+            str(path),
+        )
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`optimizer.lr=3e-5` -> raw["optimizer"]["lr"] = 3e-5 (the value parsed as YAML)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r}: write it as key.path=value, e.g. optimizer.lr=3e-5")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"override {item!r}: {key!r} is not a key path like optimizer.lr")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError([describe_error(err, raw) for err in e.errors()], source) from None
+
+
+def describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "recipe"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = section_model(loc[:-1])
+        known = list(parent.model_fields) if parent is not None else []
+        guess = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = (
+            f"did you mean {'.'.join([*loc[:-1], guess[0]])}?"
+            if guess
+            else f"known keys here: {', '.join(known)}"
+        )
+        return f"{key}: unknown key; {hint}"
+    if kind == "value_error":
+        # Our combination checks: each line already names its key.
+        return err["msg"].removeprefix("Value error, ")
+    given = err.get("input")
+    if kind == "literal_error":
+        return f"{key}: {given!r} is not allowed; {err['msg'].lower()}"
+    return f"{key}: {err['msg'].lower()} (got {given!r})"
+
+
+def section_model(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        sub = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Local paths in a recipe are relative to the recipe file, not to the shell."""
+    src = recipe.data.source
+    if ":" not in src.split("/")[0] and not Path(src).is_absolute():
+        candidate = base / src
+        if candidate.exists():
+            recipe.data.source = str(candidate)
+    name = recipe.model.name
+    if (name.startswith(".") or "/" in name) and not Path(name).is_absolute():
+        candidate = base / name
+        if candidate.exists():
+            recipe.model.name = str(candidate)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

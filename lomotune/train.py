@@ -1,0 +1,604 @@
+"""The training run, top to bottom: setup -> fit -> save.
+
+    recipe -> output folder checks -> model + tokenizer -> data -> engine -> loop
+           -> checkpoints (every save_every steps, on SIGINT/SIGTERM, at the end)
+           -> final model (Hugging Face folder) + metrics.jsonl + training.png
+
+`train(recipe)` is the whole thing; the CLI only parses arguments and calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+from lomotune import __version__
+from lomotune.checkpoint import (
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    restore_rng,
+    save_checkpoint,
+)
+from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
+from lomotune.data import BatchLoader, PreparedData, prepare_data
+from lomotune.evaluate.exact_match import exact_match
+from lomotune.models import LoadedModel, causal_lm_loss, count_parameters, load_model
+from lomotune.monitor import MemoryMeter, Throughput, format_bytes
+from lomotune.optim import build_engine
+from lomotune.optim.schedule import lr_at
+from lomotune.recipe import Recipe, RecipeError, recipe_to_yaml
+
+# Exit codes: what a script calling lomotune can tell apart.
+EXIT_BAD_INPUT = 2
+EXIT_OUT_OF_MEMORY = 3
+EXIT_DIVERGED = 4
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+# What must match for a checkpoint to continue under a recipe (the rest may change:
+# max_steps, eval_every, save_every, output appearance).
+RESUME_MUST_MATCH = (
+    "model",
+    "data",
+    "optimizer.name",
+    "optimizer.lora",
+    "training.seed",
+    "training.batch_size",
+)
+
+
+class TrainError(Exception):
+    """A run that stops for a reason the user can act on; carries its exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    output_dir: Path
+    device: torch.device
+    loaded: LoadedModel
+    data: PreparedData
+    loader: BatchLoader
+    engine: Any  # FusedEngine | MezoEngine | OptimizerEngine: same surface
+    total_steps: int
+    state: TrainingState
+    dashboard: Dashboard
+    metrics: MetricsLog
+    meter: MemoryMeter
+    throughput: Throughput = field(default_factory=Throughput)
+    resumed_from: Path | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def train(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    live: bool | None = None,
+) -> dict[str, Any]:
+    """Run a recipe to the end; returns the summary. Raises TrainError/RecipeError."""
+    output_dir = Path(recipe.training.output_dir)
+    checkpoint = plan_output_dir(
+        output_dir,
+        recipe,
+        overwrite=overwrite,
+        resume=resume or recipe.resume == "auto",
+        force=force,
+    )
+    transformers.logging.disable_progress_bar()  # the dashboard is the progress display
+    run = setup(recipe, output_dir, checkpoint, live=live)
+    started = time.perf_counter()
+    with GracefulStop() as stop, run.dashboard, run.meter, run.metrics:
+        if run.resumed_from:
+            run.dashboard.note(f"resumed from {run.resumed_from} (step {run.state.step})")
+        if recipe.model.trust_remote_code:
+            run.dashboard.warn(
+                "model.trust_remote_code is on: code from the model folder runs in this process"
+            )
+        if recipe.training.generate_eval_examples and run.resumed_from is None:
+            run.results["accuracy_before"] = generation_accuracy(run, "before training")
+        try:
+            fit(run, stop)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(run, e) from None
+        except MemoryError as e:
+            raise out_of_memory(run, e) from None
+        if recipe.training.generate_eval_examples:
+            run.results["accuracy_after"] = generation_accuracy(run, "after training")
+        final_dir = save_final(run)
+        summary = summarize(run, time.perf_counter() - started, final_dir)
+        run.metrics.summary(run.state.step, summary)
+        run.dashboard.summary(summary)
+    plot_quietly(run)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# Setup
+
+
+def plan_output_dir(
+    output_dir: Path, recipe: Recipe, *, overwrite: bool, resume: bool, force: bool
+) -> Path | None:
+    """Decide what to do with the output folder; returns the checkpoint to resume from.
+    Nothing already written is removed unless the user said --overwrite."""
+    has_content = output_dir.exists() and any(output_dir.iterdir())
+    checkpoint = latest_checkpoint(output_dir) if has_content else None
+    if overwrite and has_content:
+        shutil.rmtree(output_dir)
+        return None
+    if resume and checkpoint is not None:
+        saved = load_checkpoint(checkpoint)[0].recipe
+        differences = recipe_differences(saved, recipe.model_dump(mode="json"))
+        if differences and not force:
+            lines = "\n".join(f"  - {d}" for d in differences)
+            raise TrainError(
+                f"the checkpoint {checkpoint} was made with a different recipe:\n{lines}\n"
+                "Resume with the original recipe, or pass --force to continue anyway",
+                EXIT_BAD_INPUT,
+            )
+        return checkpoint
+    if has_content:
+        final = (output_dir / "model").exists()
+        if resume and not final and not list((output_dir / "checkpoints").glob("step-*")):
+            return None  # nothing was saved yet: start again (the caller says so)
+        what = "a finished run" if final else "an earlier run"
+        raise TrainError(
+            f"{output_dir} already holds {what}. Pass --overwrite to replace it, --resume to continue "
+            "it, or set training.output_dir to another folder",
+            EXIT_BAD_INPUT,
+        )
+    return None
+
+
+def recipe_differences(saved: dict, current: dict) -> list[str]:
+    out = []
+    for key in RESUME_MUST_MATCH:
+        a, b = saved, current
+        for part in key.split("."):
+            a, b = (a or {}).get(part), (b or {}).get(part)
+        if a != b:
+            out.append(f"{key}: checkpoint has {a!r}, recipe has {b!r}")
+    return out
+
+
+def pick_device(recipe: Recipe) -> torch.device:
+    hw = recipe.hardware
+    available = torch.cuda.device_count()
+    if hw.gpus == "auto":
+        return torch.device("cuda") if available else torch.device("cpu")
+    if hw.gpus == 0:
+        return torch.device("cpu")
+    if hw.gpus > available:
+        raise RecipeError(
+            [
+                f"hardware.gpus: {hw.gpus} asked for, {available} present. Set hardware.gpus: {available} (0 = CPU) or auto"
+            ]
+        )
+    if hw.gpus > 1 or hw.nodes > 1 or hw.processes > 1:
+        raise RecipeError(
+            [
+                "hardware: several GPUs, nodes or processes are not available yet in this version; set hardware.gpus: 1"
+            ]
+        )
+    return torch.device("cuda")
+
+
+def setup(
+    recipe: Recipe, output_dir: Path, checkpoint: Path | None, *, live: bool | None = None
+) -> Run:
+    if recipe.hardware.threads:
+        torch.set_num_threads(recipe.hardware.threads)
+    device = pick_device(recipe)
+    seed_everything(recipe.training.seed)
+    opt = recipe.optimizer
+    loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd")
+    if opt.lora is not None:
+        from lomotune.lora import add_lora_adapters
+
+        loaded.model = add_lora_adapters(loaded.model, opt.lora)
+    data = prepare_data(recipe.data, loaded.tokenizer, seed=recipe.training.seed)
+    loader = BatchLoader(
+        data.train,
+        batch_size=recipe.training.batch_size,
+        seed=recipe.training.seed,
+        pad_id=loaded.tokenizer.pad_token_id,
+        packing=recipe.data.packing,
+        max_length=recipe.data.max_length,
+    )
+    total_steps = count_total_steps(recipe, loader)
+    model = loaded.model
+    chunk = recipe.model.loss_chunk_tokens
+
+    def loss_fn(batch):
+        return causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
+
+    engine = build_engine(recipe, model, loss_fn)
+    state = TrainingState(
+        step=0,
+        epoch=0,
+        index=0,
+        tokens_seen=0,
+        bad_steps_in_a_row=0,
+        skipped_steps=0,
+        engine_meta={},
+        recipe=recipe.model_dump(mode="json"),
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None:
+        state, tensors, payload = load_checkpoint(checkpoint)
+        restore_weights(model, checkpoint / "model")
+        engine.load_state_dict(tensors, state.engine_meta)
+        restore_rng(checkpoint, payload)
+        state.recipe = recipe.model_dump(mode="json")
+        truncate_metrics(output_dir / METRICS_FILE, state.step)
+    write_recipe(recipe, output_dir, loaded)
+    title = f"lomotune · {opt.name} · {Path(loaded.source).name} · {recipe.model.precision}"
+    return Run(
+        recipe=recipe,
+        output_dir=output_dir,
+        device=device,
+        loaded=loaded,
+        data=data,
+        loader=loader,
+        engine=engine,
+        total_steps=total_steps,
+        state=state,
+        dashboard=Dashboard(total_steps, title, live=live),
+        metrics=MetricsLog(output_dir / METRICS_FILE),
+        meter=MemoryMeter(device),
+        resumed_from=checkpoint,
+    )
+
+
+def restore_weights(model: torch.nn.Module, folder: Path) -> None:
+    if hasattr(model, "peft_config"):  # adapters only: the base comes from the recipe
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    else:
+        load_weights(model, folder)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def count_total_steps(recipe: Recipe, loader: BatchLoader) -> int:
+    t = recipe.training
+    if t.max_steps is not None:
+        return t.max_steps
+    micro = recipe.optimizer.gradient_accumulation
+    return max(1, math.ceil(t.epochs * loader.batches_per_epoch / micro))
+
+
+def write_recipe(recipe: Recipe, output_dir: Path, loaded: LoadedModel) -> None:
+    """The resolved recipe next to the outputs, headed by what produced it."""
+    header = (
+        f"# resolved recipe, written by lomotune {__version__} "
+        f"(torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"python {platform.python_version()})\n# model loaded from: {loaded.source}\n"
+    )
+    (output_dir / "recipe.yaml").write_text(header + recipe_to_yaml(recipe))
+
+
+# ---------------------------------------------------------------------------------------
+# Fit
+
+
+def fit(run: Run, stop: GracefulStop) -> None:
+    recipe, state, t = run.recipe, run.state, run.recipe.training
+    micro = recipe.optimizer.gradient_accumulation
+    describe_run(run)
+    batches = run.loader.iterate(start_epoch=state.epoch, start_index=state.index)
+    run.loaded.model.train()
+    while state.step < run.total_steps:
+        lr = lr_at(state.step, run.total_steps, recipe.optimizer)
+        step_batches = []
+        for _ in range(micro):
+            epoch, index, batch = next(batches)
+            step_batches.append(batch)
+        run.meter.reset_peak()
+        started = time.perf_counter()
+        result = run.engine.step(step_batches, lr)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        seconds = time.perf_counter() - started
+        # The next batch position: after the last one used.
+        state.epoch, state.index = (epoch, index + 1)
+        if state.index >= run.loader.batches_per_epoch:
+            state.epoch, state.index = epoch + 1, 0
+        state.step += 1
+        state.tokens_seen += result.tokens
+        run.throughput.record(result.tokens, seconds)
+        if result.skipped:
+            state.skipped_steps += 1
+            state.bad_steps_in_a_row += 1
+            run.dashboard.warn(f"step {state.step}: {result.skipped}; nothing applied")
+        else:
+            state.bad_steps_in_a_row = 0
+        log_step(run, result, lr, seconds)
+        if state.bad_steps_in_a_row >= t.max_bad_steps:
+            folder = save(run)
+            raise TrainError(
+                f"{state.bad_steps_in_a_row} steps in a row had {result.skipped}; stopped at step {state.step} "
+                f"(checkpoint {folder}). Lower optimizer.lr, enable optimizer.clip, or use bf16/fp32",
+                EXIT_DIVERGED,
+            )
+        if t.eval_every and state.step % t.eval_every == 0 and state.step < run.total_steps:
+            evaluate_loss(run)
+        if t.save_every and state.step % t.save_every == 0 and state.step < run.total_steps:
+            save(run)
+        if stop.requested:
+            folder = save(run)
+            code = EXIT_SIGTERM if stop.signal_number == signal.SIGTERM else EXIT_SIGINT
+            raise TrainError(
+                f"stopped by {signal.Signals(stop.signal_number).name} after step {state.step}; checkpoint {folder}.\n"
+                f"Continue with: lomotune train <recipe> --resume",
+                code,
+            )
+    if run.data.eval:
+        evaluate_loss(run)
+
+
+def describe_run(run: Run) -> None:
+    total, trainable = count_parameters(run.loaded.model)
+    s = run.data.stats
+    run.dashboard.note(
+        f"{run.recipe.optimizer.name}: {trainable:,} of {total:,} parameters trained; "
+        f"{len(run.data.train)} train / {len(run.data.eval)} eval examples; "
+        f"{run.total_steps} steps on {run.device.type}"
+    )
+    if getattr(s, "truncated", 0):
+        run.dashboard.warn(
+            f"{s.truncated} examples were longer than data.max_length={run.recipe.data.max_length} and were truncated"
+        )
+    if getattr(s, "bad_rows_skipped", 0):
+        run.dashboard.warn(f"{s.bad_rows_skipped} bad rows skipped (data.on_bad_rows: skip)")
+
+
+def log_step(run: Run, result, lr: float, seconds: float) -> None:
+    step = run.state.step
+    metrics = {
+        "loss": result.loss,
+        "lr": lr,
+        "tokens": result.tokens,
+        "tokens_per_s": result.tokens / seconds if seconds > 0 else None,
+        "step_time": seconds,
+        "epoch": run.state.epoch,
+        "skipped_steps": run.state.skipped_steps,
+        **run.meter.as_metrics(),
+    }
+    if result.grad_norm is not None:
+        metrics["grad_norm"] = result.grad_norm
+    if result.loss_scale is not None:
+        metrics["loss_scale"] = result.loss_scale
+    run.results["peak_memory"] = max(run.results.get("peak_memory", 0), metrics["mem_peak"])
+    run.metrics.train(step, metrics)
+    if step % run.recipe.training.log_every == 0 or step == run.total_steps:
+        run.dashboard.update_step(step, metrics)
+
+
+@torch.no_grad()
+def evaluate_loss(run: Run) -> float | None:
+    if not run.data.eval:
+        return None
+    loader = BatchLoader(
+        run.data.eval,
+        batch_size=run.recipe.training.batch_size,
+        seed=0,
+        pad_id=run.loaded.tokenizer.pad_token_id,
+        packing=False,
+        max_length=run.recipe.data.max_length,
+        shuffle=False,
+    )
+    limit = run.recipe.training.eval_batches or loader.batches_per_epoch
+    total, n = 0.0, 0
+    model = run.loaded.model
+    model.eval()
+    for index, batch in enumerate(loader):  # one pass, in order
+        if index >= limit:
+            break
+        loss_sum, count = causal_lm_loss(
+            model,
+            {k: v.to(run.device) for k, v in batch.items()},
+            run.recipe.model.loss_chunk_tokens,
+        )
+        total += float(loss_sum)
+        n += count
+    model.train()
+    eval_loss = total / max(n, 1)
+    run.results["eval_loss"] = eval_loss
+    run.metrics.eval(run.state.step, {"eval_loss": eval_loss})
+    run.dashboard.update_eval(run.state.step, {"eval_loss": eval_loss})
+    return eval_loss
+
+
+def generation_accuracy(run: Run, when: str) -> float:
+    pairs = run.data.eval_pairs[: run.recipe.training.generate_eval_examples]
+    if not pairs:
+        run.dashboard.warn(
+            "training.generate_eval_examples is set but this data format has no answers to match"
+        )
+        return float("nan")
+    result = exact_match(
+        run.loaded.model,
+        run.loaded.tokenizer,
+        pairs,
+        max_new_tokens=run.recipe.training.generate_max_new_tokens,
+    )
+    run.dashboard.note(
+        f"held-out exact match {when}: {result.correct}/{result.total} ({result.accuracy:.0%})"
+    )
+    for prompt, expected, got in result.samples[:2]:
+        run.dashboard.note(
+            f"  {prompt.splitlines()[0][:60]!r} -> {got.strip()[:30]!r} (expected {expected.strip()!r})"
+        )
+    run.metrics.eval(
+        run.state.step,
+        {
+            f"accuracy_{when.split()[0]}": result.accuracy,
+            "correct": result.correct,
+            "total": result.total,
+        },
+    )
+    return result.accuracy
+
+
+def out_of_memory(run: Run, error: BaseException) -> TrainError:
+    r = run.recipe
+    where = "GPU" if run.device.type == "cuda" else "host"
+    peak = format_bytes(run.meter.peak_bytes())
+    fixes = [
+        f"training.batch_size: {max(1, r.training.batch_size // 2)} (now {r.training.batch_size})"
+    ]
+    if not r.model.activation_checkpointing:
+        fixes.append("model.activation_checkpointing: true")
+    if r.optimizer.name in ("adamw", "adam-mini", "sgd"):
+        fixes.append("optimizer.name: lomo or adalomo (no optimizer state, no stored gradients)")
+    if r.data.max_length > 256:
+        fixes.append(f"data.max_length: {r.data.max_length // 2}")
+    return TrainError(
+        f"out of {where} memory at step {run.state.step + 1} (peak seen {peak}): {str(error).splitlines()[0][:200]}\n"
+        "Changes that lower the peak: "
+        + "; ".join(fixes)
+        + ". (`lomotune estimate` is not available yet.)",
+        EXIT_OUT_OF_MEMORY,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Save
+
+
+def save(run: Run) -> Path:
+    """A checkpoint of the current step (atomic; keeps the last K)."""
+    tensors, meta = run.engine.state_dict()
+    run.state.engine_meta = meta
+    folder = save_checkpoint(
+        run.output_dir,
+        run.state,
+        lambda out: save_model(run, out),
+        tensors,
+        keep=run.recipe.training.keep_checkpoints,
+    )
+    run.dashboard.note(f"checkpoint saved: {folder}")
+    return folder
+
+
+def save_model(run: Run, out: Path) -> None:
+    model = run.loaded.model
+    model.config.use_cache = True  # for whoever loads it: generation wants the cache
+    try:
+        # A PEFT model writes its adapter only (PEFT format); others the whole model.
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        model.config.use_cache = False
+    run.loaded.tokenizer.save_pretrained(out)
+
+
+def save_final(run: Run) -> Path:
+    save(run)
+    final = run.output_dir / "model"
+    tmp = run.output_dir / ".partial-model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(run, tmp)
+    shutil.copy(run.output_dir / "recipe.yaml", tmp / "lomotune_recipe.yaml")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    run.dashboard.note(f"final model saved: {final}")
+    return final
+
+
+def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:
+    summary = {
+        "method": run.recipe.optimizer.name,
+        "steps": run.state.step,
+        "final_loss": None,
+        "eval_loss": run.results.get("eval_loss"),
+        "tokens_per_s": run.throughput.overall,
+        "peak_memory": run.results.get("peak_memory", run.meter.peak_bytes()),
+        "process_peak_memory": run.meter.process_peak_bytes(),
+        "memory_kind": run.meter.kind,
+        "skipped_steps": run.state.skipped_steps,
+        "wall_time": wall_seconds,
+        "model_dir": str(final_dir),
+    }
+    for key in ("accuracy_before", "accuracy_after"):
+        if key in run.results:
+            summary[key] = run.results[key]
+    last = run.dashboard.smoothed_loss
+    summary["final_loss"] = last
+    (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def plot_quietly(run: Run) -> None:
+    """The PNG of the run; plotting problems never fail a finished run."""
+    try:
+        from lomotune.plot import plot_run
+
+        path = plot_run(run.output_dir)
+        print(f"plot: {path}")
+    except Exception as e:  # a missing matplotlib must not lose a finished run
+        print(f"plot skipped: {e}")
+
+
+# ---------------------------------------------------------------------------------------
+# Signals
+
+
+class GracefulStop:
+    """First SIGINT/SIGTERM: finish the step, save, exit. Second: abort at once (the
+    last complete checkpoint is untouched: saves are atomic)."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Not the main thread (a library caller's worker): leave signals alone.
+            with contextlib.suppress(ValueError):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # second signal: stop now
+        self.requested = True
+        self.signal_number = signum
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (again to abort now)",
+            flush=True,
+        )

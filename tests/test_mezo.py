@@ -1,0 +1,339 @@
+"""MeZO against a plain loop that follows the paper's Algorithm 1 line by line (with z
+drawn by the same per-parameter generators), plus n-SPSA, accumulation, partial
+training, skipping, resume and peak memory."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from lomotune.models import causal_lm_loss
+from lomotune.optim.mezo import MezoEngine, _mix
+from lomotune.testing import tiny_llama
+
+EPS = 1e-3
+LR = 1e-2
+SEED = 7
+
+
+def make_batches(n: int, vocab: int = 105, batch: int = 3, length: int = 12, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(5, vocab, (batch, length), generator=g)
+        labels = ids.clone()
+        labels[:, :4] = -100  # a prompt
+        mask = torch.ones_like(ids)
+        mask[0, -3:] = 0  # padding in the first row
+        labels[0, -3:] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def make_engine(model, **kw):
+    kw = {"eps": EPS, "seed": SEED, **kw}
+    return MezoEngine(model, lambda b: causal_lm_loss(model, b, 7), **kw)
+
+
+def run(model, batches, lr=LR, **kw):
+    engine = make_engine(model, **kw)
+    results = [engine.step([b], lr) for b in batches]
+    engine.close()
+    return results
+
+
+# -- the reference: Algorithm 1 of the paper, literally ----------------------------------
+
+
+def z_of(p, step_seed, index):
+    # Same seeding as the engine: one generator per parameter, from (step seed, index).
+    g = torch.Generator().manual_seed(_mix(step_seed, index))
+    return torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+def paper_step(model, batch, step_seed, lr, eps=EPS, weight_decay=0.0):
+    """One MeZO step as the paper's pseudocode: perturb +eps, -2eps, +eps; update."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def perturb(scale):
+        for i, (_, p) in enumerate(params):
+            p += scale * z_of(p, step_seed, i)
+
+    def loss():
+        total, n = causal_lm_loss(model, batch, 7)
+        return float(total) / n
+
+    with torch.no_grad():
+        perturb(eps)
+        loss_plus = loss()
+        perturb(-2 * eps)
+        loss_minus = loss()
+        perturb(eps)
+        projected_grad = (loss_plus - loss_minus) / (2 * eps)
+        for i, (name, p) in enumerate(params):
+            z = z_of(p, step_seed, i)
+            if "bias" in name or "norm" in name:
+                p -= lr * (projected_grad * z)
+            else:
+                p -= lr * (projected_grad * z + weight_decay * p)
+    return loss_plus
+
+
+def seed_of(step, direction=0):
+    return _mix(SEED, step, direction)
+
+
+def assert_equal_models(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name}: max diff {float((p - q).abs().max())}"
+
+
+def max_diff(a, b) -> float:
+    with torch.no_grad():
+        return max(
+            float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+        )
+
+
+# -- tests -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_mezo_equals_paper_algorithm_step_for_step(weight_decay):
+    model = tiny_llama(tie=True)
+    ref = copy.deepcopy(model)
+    start = copy.deepcopy(model)
+    batches = make_batches(3)
+    results = run(model, batches, weight_decay=weight_decay)
+    for step, (b, r) in enumerate(zip(batches, results, strict=True), start=1):
+        loss_plus = paper_step(ref, b, seed_of(step), LR, weight_decay=weight_decay)
+        assert r.loss == loss_plus  # the reference logs l+, the loss at theta + eps z
+        assert r.skipped is None and r.loss_tokens == int((b["labels"][:, 1:] != -100).sum())
+    assert_equal_models(model, ref)  # bitwise
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+    assert max_diff(model, start) > 1e-4  # and it moved
+
+
+def test_weight_decay_spares_biases_and_norms():
+    model = tiny_llama()
+    no_decay = copy.deepcopy(model)
+    run(model, make_batches(1), weight_decay=0.5)
+    run(no_decay, make_batches(1), weight_decay=0.0)
+    for (name, p), q in zip(model.named_parameters(), no_decay.parameters(), strict=True):
+        assert torch.equal(p, q) == ("norm" in name), name  # incl. the final model.norm
+
+
+def test_lr_zero_restores_the_weights_to_rounding():
+    """In exact arithmetic theta + eps z - 2 eps z + eps z = theta. In fp32 each in-place
+    add rounds, so a few elements end one or two units in the last place away: the
+    paper's in-place algorithm (and the MeZO code) cannot restore bitwise without a copy
+    of the weights. What we can check: nothing but rounding is left, and it is exactly
+    the rounding of the paper's three perturbations."""
+    model = tiny_llama()
+    start = copy.deepcopy(model)
+    ref = copy.deepcopy(model)
+    run(model, make_batches(2), lr=0.0)
+    for step, b in enumerate(make_batches(2), start=1):
+        paper_step(ref, b, seed_of(step), lr=0.0)
+    assert_equal_models(model, ref)
+    for (name, p), q in zip(model.named_parameters(), start.parameters(), strict=True):
+        # ulp-sized: 2**-23 relative to the largest value the element took (|p| + 2 eps |z|)
+        bound = 4 * 2.0**-23 * (q.abs() + 10 * EPS)
+        assert bool(((p - q).abs() <= bound).all()), name
+    assert max_diff(model, start) < 1e-6  # eps z itself is ~1e-3
+
+
+def test_n_spsa_is_the_average_of_single_direction_updates():
+    start = tiny_llama()
+    batch = make_batches(1)[0]
+    two = copy.deepcopy(start)
+    run(two, [batch], directions=2, weight_decay=0.1)
+    singles = []
+    for direction in range(2):
+        m = copy.deepcopy(start)
+        paper_step(m, batch, seed_of(1, direction), LR, weight_decay=0.1)
+        singles.append(m)
+    diffs = []
+    params = zip(
+        two.named_parameters(), start.parameters(), *(s.parameters() for s in singles), strict=True
+    )
+    with torch.no_grad():
+        for (name, p), q, a, b in params:
+            expected = q + ((a - q) + (b - q)) / 2
+            diffs.append(float((p - expected).abs().max()))
+            assert not torch.allclose(a, b), name  # two different directions
+    assert max(diffs) < 1e-6
+
+
+def fp64_loss(model):
+    # The engine's semantics, free of fp32 rounding: causal_lm_loss sums in fp32, and
+    # 1 / (2 eps) = 500 amplifies a batch-shape-dependent rounding of the loss to ~1e-6.
+    def loss_fn(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        return F.cross_entropy(logits[:, :-1][keep], labels[keep], reduction="sum"), int(keep.sum())
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("equal_tokens", [True, False])
+def test_accumulation_equals_one_step_on_the_concatenated_batch(equal_tokens):
+    model = tiny_llama(dtype=torch.float64)
+    whole = copy.deepcopy(model)
+    a, b = make_batches(2)
+    if not equal_tokens:  # more padding in b: a token-weighted mean, not a mean of means
+        b["attention_mask"][1, -5:] = 0
+        b["labels"][1, -5:] = -100
+    assert (int((a["labels"] != -100).sum()) == int((b["labels"] != -100).sum())) == equal_tokens
+    engine = MezoEngine(model, fp64_loss(model), eps=EPS, seed=SEED, weight_decay=0.1)
+    r = engine.step([a, b], LR)
+    concat = {k: torch.cat([a[k], b[k]]) for k in a}
+    engine = MezoEngine(whole, fp64_loss(whole), eps=EPS, seed=SEED, weight_decay=0.1)
+    r_whole = engine.step([concat], LR)
+    assert r.loss_tokens == r_whole.loss_tokens and r.tokens == r_whole.tokens
+    assert r.loss == pytest.approx(r_whole.loss, abs=1e-12)
+    assert max_diff(model, whole) < 1e-10
+    assert max_diff(model, tiny_llama(dtype=torch.float64)) > 1e-4
+
+
+def test_no_grad_is_ever_created():
+    model = tiny_llama()
+    fired = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    losses = []
+
+    def loss_fn(batch):
+        total, n = causal_lm_loss(model, batch, 7)
+        losses.append(total)
+        return total, n
+
+    engine = MezoEngine(model, loss_fn, eps=EPS, directions=2)
+    model.train()
+    for b in make_batches(2):
+        engine.step([b], LR)
+    assert model.training  # the engine evaluates in eval mode and puts it back
+    assert len(losses) == 2 * 2 * 2 and not any(t.requires_grad for t in losses)
+    assert not fired and all(p.grad is None for p in model.parameters())
+
+
+def test_only_trainable_parameters_move():
+    model = tiny_llama()
+    for name, p in model.named_parameters():
+        p.requires_grad_(".layers.1." in name)
+    start = copy.deepcopy(model)
+    run(model, make_batches(2), weight_decay=0.1)
+    for (name, p), q in zip(model.named_parameters(), start.parameters(), strict=True):
+        assert torch.equal(p, q) != p.requires_grad, name
+
+
+def test_lora_adapters_only():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    start = {n: p.clone() for n, p in model.named_parameters()}
+    engine = MezoEngine(model, lambda b: causal_lm_loss(model, b, 7), eps=EPS, seed=SEED)
+    assert engine.names and all("lora_" in n for n in engine.names)
+    for b in make_batches(2):
+        engine.step([b], LR)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, start[name]) != ("lora_" in name), name
+
+
+@pytest.mark.parametrize("bad_call", [1, 2])  # l+ or l- is NaN
+def test_non_finite_loss_skips_and_applies_nothing(bad_call):
+    batch = make_batches(1)[0]
+    model = tiny_llama()
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        total, n = causal_lm_loss(model, b, 7)
+        return (total * float("nan") if len(calls) == bad_call else total), n
+
+    engine = MezoEngine(model, loss_fn, eps=EPS, seed=SEED)
+    r = engine.step([batch], LR)
+    assert r.skipped == "non-finite loss"
+    assert len(calls) == bad_call  # l+ NaN: no l- pass
+    # Nothing applied; only the rounding of the paper's perturbations is left, bitwise.
+    ref = tiny_llama()
+    params = list(ref.parameters())
+    scales = [EPS, -EPS] if bad_call == 1 else [EPS, -2 * EPS, EPS]
+    with torch.no_grad():
+        for scale in scales:
+            for i, p in enumerate(params):
+                p += scale * z_of(p, seed_of(1), i)
+    assert_equal_models(model, ref)
+    assert max_diff(model, tiny_llama()) < 1e-6
+    # The next step draws new directions (a skipped step's seeds are not reused), trains.
+    assert engine.step([batch], LR).skipped is None and engine.step_count == 2
+    assert max_diff(model, tiny_llama()) > 1e-4
+
+
+def test_resume_is_exact():
+    batches = make_batches(4)
+    straight = tiny_llama()
+    run(straight, batches, directions=2, weight_decay=0.1)
+
+    first = tiny_llama()
+    engine = make_engine(first, directions=2, weight_decay=0.1)
+    for b in batches[:2]:
+        engine.step([b], LR)
+    tensors, meta = engine.state_dict()
+    weights = copy.deepcopy(first.state_dict())
+    engine.close()
+    assert tensors == {} and meta == {"step_count": 2}
+
+    resumed = tiny_llama(seed=123)
+    resumed.load_state_dict(weights)
+    engine = make_engine(resumed, directions=2, weight_decay=0.1)
+    engine.load_state_dict(tensors, meta)
+    for b in batches[2:]:
+        engine.step([b], LR)
+    assert_equal_models(straight, resumed)
+
+
+class Once(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self):
+        return self.fn()
+
+
+def test_peak_memory_is_that_of_inference():
+    """Measured by torch's MemTracker (every tensor storage created through the
+    dispatcher, on CPU too). A MeZO step must stay within 5% of a no-grad forward of the
+    same batch; a full-model z buffer (+12% here) or a kept graph would not."""
+    model = tiny_llama()
+    ids = torch.randint(5, 105, (8, 64), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss_fn = lambda b: causal_lm_loss(model, b, 1024)  # noqa: E731
+    engine = MezoEngine(model, loss_fn, eps=EPS, directions=2, weight_decay=0.1)
+
+    def peak(fn) -> int:
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker:
+            # MemTracker refuses a root module called twice ("multiple iterative calls"):
+            # under one outer module, the four forwards of a step are sub-calls.
+            Once(fn)()
+        return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+    def forward():
+        with torch.no_grad():
+            loss_fn(batch)
+
+    inference = peak(forward)
+    mezo = peak(lambda: engine.step([batch], 1e-3))
+    with_graph = peak(lambda: loss_fn(batch))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert mezo <= 1.05 * inference, (mezo, inference)
+    # The measurement can see what MeZO must not keep:
+    assert inference + param_bytes > 1.05 * inference  # a z for the whole model
+    assert with_graph > 1.05 * inference  # activations saved for backward

