@@ -10,8 +10,9 @@ A checkpoint is a folder you can read with your eyes:
                                 the resolved recipe
 
 It is written to `checkpoints/.partial-step-000100/`, every file fsynced, then renamed:
-a crash in the middle of a save leaves a `.partial-*` folder that is ignored, and the
-previous checkpoint intact. Only folders named `step-*` are complete.
+a crash in the middle of a save leaves a `.partial-*` folder that is ignored (and removed
+by the next save), and the previous checkpoint intact. Only folders named `step-*` are
+complete.
 """
 
 from __future__ import annotations
@@ -76,16 +77,17 @@ def save_checkpoint(
     state: TrainingState,
     save_model,  # callable(folder): writes the weights in Hugging Face layout
     engine_tensors: dict[str, torch.Tensor],
-    keep: int,
+    keep: int | None,  # complete checkpoints to keep; None = remove none
 ) -> Path:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:06d}"
     final = root / name
     partial = root / f".partial-{name}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    for stale in root.glob(".partial-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     try:
+        partial.mkdir()
         save_model(partial / "model")
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in engine_tensors.items()},
@@ -111,8 +113,10 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(partial, final)
         _fsync_dir(root)
-    except OSError as e:
+    except BaseException as e:  # disk full, or a second Ctrl-C: no half-written folder stays
         shutil.rmtree(partial, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
         previous = latest_checkpoint(output_dir)
         kept = (
             f"the previous checkpoint {previous} is intact"
@@ -122,7 +126,7 @@ def save_checkpoint(
         raise CheckpointError(
             f"could not write checkpoint {final}: {e.strerror or e}; {kept}. Free disk space or change training.output_dir"
         ) from None
-    for old in list_checkpoints(output_dir)[:-keep]:
+    for old in list_checkpoints(output_dir)[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -71,6 +71,13 @@ def train(
         fail(str(e), e.exit_code)
     except CheckpointError as e:
         fail(str(e), 1)
+    except OSError as e:  # a full disk, a folder gone: the system's reason, not a traceback
+        where = f": {e.filename}" if e.filename else ""
+        fail(
+            f"{e.strerror or e}{where}. Checkpoints already saved are intact: fix this and "
+            "continue with --resume",
+            1,
+        )
     except KeyboardInterrupt:
         fail(
             "aborted by a second interrupt; the last complete checkpoint is intact (resume with --resume)",
@@ -156,6 +163,7 @@ def export(
 ) -> None:
     """Write a full model from a LoRA adapter (`--merge`)."""
     from lomotune.export import ExportError, merge_adapter
+    from lomotune.models import ModelError
 
     if not merge:
         fail(
@@ -163,7 +171,7 @@ def export(
         )
     try:
         print(merge_adapter(base, adapter, out, precision, overwrite=overwrite))
-    except ExportError as e:
+    except (ExportError, ModelError) as e:
         fail(str(e), 2)
 
 

@@ -22,7 +22,11 @@ from lomotune.models import DTYPES, load_model
 from lomotune.recipe import ModelConfig
 
 
-class OutputExistsError(FileExistsError):
+class ExportError(Exception):
+    """An export that cannot be done; the message says what to change."""
+
+
+class OutputExistsError(ExportError):
     """An output folder that already holds something; the message says how to proceed."""
 
 
@@ -43,7 +47,7 @@ def adapter_base_model(adapter_dir: str | Path) -> str | None:
     """The base model named in a PEFT adapter folder's adapter_config.json, if any."""
     config = Path(adapter_dir) / "adapter_config.json"
     if not config.exists():
-        raise FileNotFoundError(
+        raise ExportError(
             f"{adapter_dir} has no adapter_config.json; point it at a folder written by save_adapter "
             "(a qlora-sgd run's output folder or checkpoint)"
         )
@@ -67,7 +71,7 @@ def merge_adapter(
     from peft import PeftModel
 
     if precision not in DTYPES:
-        raise ValueError(
+        raise ExportError(
             f"precision {precision!r}: merge into the original weights in one of {', '.join(DTYPES)}; "
             "merging into a 4-bit base would round the adapters' update away"
         )
@@ -80,7 +84,7 @@ def merge_adapter(
     named = adapter_base_model(adapter_dir)
     if base_model is None:
         if named is None:
-            raise ValueError(
+            raise ExportError(
                 f"{adapter_dir}/adapter_config.json names no base model; pass the base model "
                 "(the model.name the adapters were trained on)"
             )

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from platformdirs import user_cache_dir
 from torch.utils.checkpoint import checkpoint
 
+from lomotune.cache import cache_root
 from lomotune.recipe import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,7 +56,7 @@ TINY_ALIAS = "tiny-llama"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LOMOTUNE_CACHE", user_cache_dir("lomotune"))) / "models"
+    return cache_root() / "models"
 
 
 def builtin_path(alias: str) -> Path:

@@ -27,6 +27,7 @@ import transformers
 
 from lomotune import __version__
 from lomotune.checkpoint import (
+    CheckpointError,
     TrainingState,
     latest_checkpoint,
     load_checkpoint,
@@ -86,6 +87,8 @@ class Run:
     meter: MemoryMeter
     throughput: Throughput = field(default_factory=Throughput)
     resumed_from: Path | None = None
+    saved: tuple[int, Path] | None = None  # (step, folder) of the newest checkpoint
+    notes: list[str] = field(default_factory=list)  # warnings from setup, shown at the start
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,6 +115,8 @@ def train(
     with GracefulStop() as stop, run.dashboard, run.meter, run.metrics:
         if run.resumed_from:
             run.dashboard.note(f"resumed from {run.resumed_from} (step {run.state.step})")
+        for message in run.notes:
+            run.dashboard.warn(message)
         if recipe.model.trust_remote_code:
             run.dashboard.warn(
                 "model.trust_remote_code is on: code from the model folder runs in this process"
@@ -245,11 +250,24 @@ def setup(
         engine_meta={},
         recipe=recipe.model_dump(mode="json"),
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(
+            f"training.output_dir: cannot create {output_dir}: {e.strerror or e}. Set it to a folder you can write",
+            EXIT_BAD_INPUT,
+        ) from None
+    notes = []
     if checkpoint is not None:
         state, tensors, payload = load_checkpoint(checkpoint)
         restore_weights(model, checkpoint / "model")
-        engine.load_state_dict(tensors, state.engine_meta)
+        saved_method = state.recipe.get("optimizer", {}).get("name")
+        if saved_method == opt.name:
+            engine.load_state_dict(tensors, state.engine_meta)
+        else:  # --force with another method: that state means nothing to this one
+            notes.append(
+                f"the checkpoint's optimizer state ({saved_method}) was not loaded: {opt.name} starts with fresh state"
+            )
         restore_rng(checkpoint, payload)
         state.recipe = recipe.model_dump(mode="json")
         truncate_metrics(output_dir / METRICS_FILE, state.step)
@@ -269,6 +287,8 @@ def setup(
         metrics=MetricsLog(output_dir / METRICS_FILE),
         meter=MemoryMeter(device),
         resumed_from=checkpoint,
+        saved=(state.step, checkpoint) if checkpoint is not None else None,
+        notes=notes,
     )
 
 
@@ -314,6 +334,8 @@ def fit(run: Run, stop: GracefulStop) -> None:
     recipe, state, t = run.recipe, run.state, run.recipe.training
     micro = recipe.optimizer.gradient_accumulation
     describe_run(run)
+    if state.index >= run.loader.batches_per_epoch:  # resumed with --force on other data
+        state.epoch, state.index = state.epoch + 1, 0
     batches = run.loader.iterate(start_epoch=state.epoch, start_index=state.index)
     run.loaded.model.train()
     while state.step < run.total_steps:
@@ -343,7 +365,7 @@ def fit(run: Run, stop: GracefulStop) -> None:
             state.bad_steps_in_a_row = 0
         log_step(run, result, lr, seconds)
         if state.bad_steps_in_a_row >= t.max_bad_steps:
-            folder = save(run)
+            folder = save(run, keep_all=True)  # the checkpoints from before it went bad stay
             raise TrainError(
                 f"{state.bad_steps_in_a_row} steps in a row had {result.skipped}; stopped at step {state.step} "
                 f"(checkpoint {folder}). Lower optimizer.lr, enable optimizer.clip, or use bf16/fp32",
@@ -358,7 +380,7 @@ def fit(run: Run, stop: GracefulStop) -> None:
             code = EXIT_SIGTERM if stop.signal_number == signal.SIGTERM else EXIT_SIGINT
             raise TrainError(
                 f"stopped by {signal.Signals(stop.signal_number).name} after step {state.step}; checkpoint {folder}.\n"
-                f"Continue with: lomotune train <recipe> --resume",
+                f"Continue with: lomotune train {run.output_dir / 'recipe.yaml'} --resume",
                 code,
             )
     if run.data.eval:
@@ -495,8 +517,11 @@ def out_of_memory(run: Run, error: BaseException) -> TrainError:
 # Save
 
 
-def save(run: Run) -> Path:
-    """A checkpoint of the current step (atomic; keeps the last K)."""
+def save(run: Run, keep_all: bool = False) -> Path:
+    """A checkpoint of the current step (atomic; keeps the last K, or all with keep_all).
+    A step already saved (an interrupt right after a periodic save) is not written again."""
+    if run.saved is not None and run.saved[0] == run.state.step:
+        return run.saved[1]
     tensors, meta = run.engine.state_dict()
     run.state.engine_meta = meta
     folder = save_checkpoint(
@@ -504,8 +529,9 @@ def save(run: Run) -> Path:
         run.state,
         lambda out: save_model(run, out),
         tensors,
-        keep=run.recipe.training.keep_checkpoints,
+        keep=None if keep_all else run.recipe.training.keep_checkpoints,
     )
+    run.saved = (run.state.step, folder)
     run.dashboard.note(f"checkpoint saved: {folder}")
     return folder
 
@@ -526,8 +552,15 @@ def save_final(run: Run) -> Path:
     final = run.output_dir / "model"
     tmp = run.output_dir / ".partial-model"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(run, tmp)
-    shutil.copy(run.output_dir / "recipe.yaml", tmp / "lomotune_recipe.yaml")
+    try:
+        save_model(run, tmp)
+        shutil.copy(run.output_dir / "recipe.yaml", tmp / "lomotune_recipe.yaml")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write the final model to {final}: {e.strerror or e}; the checkpoint "
+            f"{run.saved[1]} is complete. Free disk space, then run again with --resume to write it"
+        ) from None
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -271,3 +271,19 @@ def test_stochastic_rounding_is_unbiased():
             ).float()
         ),
     }
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_lomo_equals_the_reference_lomo_optim(weight_decay):
+    """lomo_optim.Lomo 0.1.1 (the paper's package): same weights after 3 steps. Untied
+    embeddings: its hook fires per use of a tied weight and would apply the decay twice."""
+    from lomo_optim import Lomo
+
+    model = tiny_llama(tie=False)
+    ref = copy.deepcopy(model)
+    batches = make_batches(3)
+    run_fused(model, batches, lr=0.5, weight_decay=weight_decay)
+    lomo = Lomo(ref, lr=0.5, weight_decay=weight_decay)
+    for b in batches:
+        lomo.fused_backward(mean_loss(ref, b), lr=0.5)
+    params_close(model, ref)

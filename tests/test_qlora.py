@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lomotune.export import OutputExistsError, merge_adapter
+from lomotune.export import ExportError, OutputExistsError, merge_adapter
 from lomotune.lora import add_lora_adapters, describe_adapters, save_adapter, tensor_bytes
 from lomotune.models import causal_lm_loss, load_model
 from lomotune.optim.engine import FusedEngine
@@ -250,7 +250,7 @@ def test_merge_adapter_equals_peft_model_on_full_precision_base(base_dir, traine
     with pytest.raises(OutputExistsError, match="overwrite=True"):
         merge_adapter(base_dir, adapter_dir, out, "fp32")
     assert (out / "model.safetensors").exists()  # left as it was
-    with pytest.raises(ValueError, match="4-bit"):
+    with pytest.raises(ExportError, match="4-bit"):
         merge_adapter(base_dir, adapter_dir, tmp_path / "other", "nf4")
     merge_adapter(base_dir, adapter_dir, out, "bf16", overwrite=True)
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16

@@ -103,3 +103,28 @@ def test_qlora_sgd_trains_adapters_and_saves_peft_folder(tmp_path):
     assert (out / "model" / "adapter_model.safetensors").exists()
     # r=8 over 7 linear layers a block, 2 blocks: 8 * (sum of in + out features) * 2
     assert "qlora-sgd: 32,768 of 341,760 parameters trained" in result.output
+    merged = tmp_path / "merged"
+    exported = runner.invoke(
+        app, ["export", str(out / "model"), str(merged), "--base", str(base), "--precision", "fp32"]
+    )
+    assert exported.exit_code == 0, exported.output
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    again = runner.invoke(app, ["export", str(out / "model"), str(merged), "--base", str(base)])
+    assert again.exit_code == 2 and "overwrite" in again.output
+
+
+def test_mezo_on_lora_adapters_only(tmp_path):
+    out = tmp_path / "mezo-lora"
+    result = train(
+        out,
+        "optimizer.name=mezo",
+        "optimizer.lr=1e-3",
+        "optimizer.lora.r=4",
+        "training.max_steps=4",
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "mezo: 4,096 of 26,048 parameters" in result.output
+    )  # r * (in + out of 7 linears) * 2 blocks
+    assert (out / "model" / "adapter_model.safetensors").exists()

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lomotune.data.cache import cache_key, load_cached, store
 from lomotune.data.errors import DataError
 from lomotune.data.formats import Rendered, render_rows
 from lomotune.data.sources import RawRows, read_eval_source, read_source
@@ -51,6 +52,7 @@ class DataStats:
     mean_length: float = 0.0  # train examples, after truncation
     max_length: int = 0  # longest train example, after truncation
     longest_before_truncation: int = 0
+    from_cache: bool = False  # tokenized by an earlier run (see data/cache.py)
 
     def summary(self) -> str:
         parts = [
@@ -82,9 +84,25 @@ class PreparedData:
     bad_row_examples: list[tuple[int, str]] = field(default_factory=list)
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
-    """Read, render, split and tokenize the data that `cfg` describes. Raises DataError
-    with the fix for every problem a person can fix."""
+def prepare_data(
+    cfg: DataConfig, tokenizer: Any, seed: int, *, use_cache: bool = True
+) -> PreparedData:
+    """Read, render, split and tokenize the data that `cfg` describes (or take the result
+    of an identical earlier call from the cache). Raises DataError with the fix for every
+    problem a person can fix."""
+    key = cache_key(cfg, tokenizer, seed) if use_cache else None
+    if key is not None:
+        cached = load_cached(key)
+        if cached is not None:
+            cached.stats.from_cache = True
+            return cached
+    data = _prepare(cfg, tokenizer, seed)
+    if key is not None:
+        store(key, data)
+    return data
+
+
+def _prepare(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     stats = DataStats(source=cfg.source, format=cfg.format)
     raw = read_source(cfg.source, cfg.split, num_examples=cfg.num_examples, seed=seed)
     train_rows, bad = render_rows(raw, cfg, tokenizer)

@@ -1,0 +1,487 @@
+"""Faults: signals, kills, non-finite losses, out of memory, a full disk. Each leaves a
+complete checkpoint to resume from and a message that says what happened and what to do.
+
+The signal tests run `python -m lomotune.cli train` as a child process and act on its
+output lines as they appear ("step N/...", "checkpoint saved: ..."): no test hooks in
+the code under test."""
+
+import errno
+import hashlib
+import itertools
+import json
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import lomotune.checkpoint
+import lomotune.train
+from lomotune.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from lomotune.cli import app
+from lomotune.dashboard import MetricsLog, read_metrics
+
+TINY = str(Path(__file__).parents[1] / "lomotune" / "recipes" / "tiny.yaml")
+runner = CliRunner()
+# One thread: a run in a child process and one in this process compute bitwise alike,
+# and a CPU shared with other jobs does not stall two threads that wait for each other.
+THREADS = "hardware.threads=1"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """hardware.threads=1 sets torch's thread count for the process: restore it after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(out: Path, *overrides: str, flags=()):
+    return runner.invoke(
+        app, ["train", TINY, f"training.output_dir={out}", THREADS, *overrides, "--plain", *flags]
+    )
+
+
+def train_records(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_complete(checkpoint: Path) -> None:
+    """A checkpoint that a resume can use: state, optimizer state and weights all read."""
+    state, _, payload = load_checkpoint(checkpoint)
+    assert state.step == int(checkpoint.name.split("-")[1])
+    assert load_file(checkpoint / "rng.safetensors")["torch"].numel() > 0
+    assert weights(checkpoint / "model")["model.embed_tokens.weight"].shape[0] > 0
+
+
+def partials(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob(".partial-*"))
+
+
+# ---------------------------------------------------------------------------------------
+# Signals and kills, on a child process
+
+
+class Child:
+    """`lomotune train` in a child process; its output lines as they come."""
+
+    def __init__(self, *args: str, cwd: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lomotune.cli", "train", *args, "--plain"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+        """Block until an output line matches `pattern` (a regex, matched at the start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                raise AssertionError(
+                    f"no line {pattern!r} in {timeout} s:\n{self.output}"
+                ) from None
+            if line is None:
+                raise AssertionError(f"ended before a line {pattern!r}:\n{self.output}")
+            self.lines.append(line)
+            found = re.match(pattern, line)
+            if found:
+                return found
+
+    def send(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def finish(self, timeout: float = 120) -> int:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def long_run(out: Path, *overrides: str) -> list[str]:
+    # 2000 steps: far more than a test waits for, so only a signal ends it.
+    return [TINY, f"training.output_dir={out}", THREADS, "training.max_steps=2000",
+            "training.eval_every=0", *overrides]  # fmt: skip
+
+
+def test_sigint_saves_says_how_to_resume_and_resume_finishes(tmp_path):
+    out = tmp_path / "run"
+    child = Child(*long_run(out, "training.save_every=0"), cwd=tmp_path)
+    child.wait_for(r"step 3/2000 ")
+    child.send(signal.SIGINT)
+    assert child.finish() == 130, child.output
+    stopped = re.search(r"stopped by SIGINT after step (\d+); checkpoint (\S+)\.", child.output)
+    assert stopped, child.output
+    step = int(stopped.group(1))
+    assert step >= 3
+    checkpoint = out / "checkpoints" / f"step-{step:06d}"
+    assert stopped.group(2) == str(checkpoint) and latest_checkpoint(out) == checkpoint
+    assert_complete(checkpoint)
+    assert [r["step"] for r in train_records(out)] == list(range(1, step + 1))
+    assert "Traceback" not in child.output
+    # The command it prints is the one to run (the run's own resolved recipe).
+    command = f"Continue with: lomotune train {out / 'recipe.yaml'} --resume"
+    assert command in child.output
+
+    resumed = runner.invoke(
+        app,
+        [
+            "train",
+            str(out / "recipe.yaml"),
+            "--resume",
+            f"training.max_steps={step + 3}",
+            "--plain",
+        ],
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resumed from {checkpoint} (step {step})" in resumed.output
+    assert [r["step"] for r in train_records(out)] == list(range(1, step + 4))
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 3
+
+
+def test_sigterm_saves_and_exits_143(tmp_path):
+    out = tmp_path / "run"
+    child = Child(*long_run(out), cwd=tmp_path)
+    child.wait_for(r"step 2/2000 ")
+    child.send(signal.SIGTERM)
+    assert child.finish() == 143, child.output
+    step = int(re.search(r"stopped by SIGTERM after step (\d+)", child.output).group(1))
+    assert latest_checkpoint(out) == out / "checkpoints" / f"step-{step:06d}"
+    assert_complete(latest_checkpoint(out))
+    assert "Traceback" not in child.output
+
+
+def test_second_sigint_during_the_save_aborts_and_keeps_the_last_checkpoint(tmp_path):
+    # The first SIGINT after step 7: the save it asks for (step 7 or 8; the periodic
+    # ones are at 5 and 10) starts after it. The second comes once that save has written
+    # its weights into checkpoints/.partial-step-*/.
+    out = tmp_path / "run"
+    child = Child(*long_run(out, "training.save_every=5"), cwd=tmp_path)
+    child.wait_for(r"step 7/2000 ")
+    child.send(signal.SIGINT)
+    child.wait_for(r"SIGINT: finishing this step")
+    wait_until(lambda: any(out.glob("checkpoints/.partial-step-*/model/model.safetensors")), child)
+    child.send(signal.SIGINT)
+    assert child.finish() == 130, child.output
+    assert "aborted by a second interrupt; the last complete checkpoint is intact" in child.output
+    assert "Traceback" not in child.output
+    assert list_checkpoints(out) == [out / "checkpoints" / "step-000005"]
+    assert_complete(out / "checkpoints" / "step-000005")
+    assert partials(out) == []  # the half-written checkpoint was removed on the way out
+    resumed = train(out, "training.max_steps=9", flags=["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resumed from {out / 'checkpoints' / 'step-000005'} (step 5)" in resumed.output
+
+
+def wait_until(condition, child: Child, timeout: float = 30) -> None:
+    """Poll without sleeping: a whole save of the tiny model takes a few milliseconds."""
+    deadline = time.monotonic() + timeout
+    while not condition() and child.proc.poll() is None and time.monotonic() < deadline:
+        pass
+
+
+# The files of a checkpoint in the order a save writes them: a kill when one of them
+# appears in the .partial-* folder lands at that point of the save.
+SAVE_STAGES = ["model/config.json", "model/model.safetensors", "model/tokenizer.json",
+               "optimizer.safetensors", "rng.safetensors", "state.json"]  # fmt: skip
+
+
+def test_killed_at_random_points_always_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL four times, in a step or at a point of a save chosen at random (seeded);
+    each resume starts from the newest complete checkpoint, and the end is bitwise the
+    run that was never killed."""
+    settings = ["training.max_steps=24", "training.save_every=1", "training.eval_every=0",
+                "optimizer.schedule=cosine", "model.precision=fp32"]  # fmt: skip
+    reference = tmp_path / "reference"
+    assert train(reference, *settings).exit_code == 0
+
+    out = tmp_path / "killed"
+    rng = random.Random(20240611)
+    done, kills_in_saves, latest = 0, 0, None  # steps with a checkpoint; kills mid-save
+    for where in ["save", "step", "save", "save"]:
+        child = Child(
+            TINY, f"training.output_dir={out}", THREADS, *settings, "--resume", cwd=tmp_path
+        )
+        if latest is not None:
+            child.wait_for(rf"resumed from {re.escape(str(latest))} \(step {done}\)")
+        target = done + rng.randint(2, 4)
+        if where == "save":  # it starts right after the step's line
+            child.wait_for(rf"step {target}/24 ")
+            stage = out / "checkpoints" / f".partial-step-{target:06d}" / rng.choice(SAVE_STAGES)
+            wait_until(stage.exists, child)
+        else:  # in the next step, a moment after the save
+            child.wait_for(rf"checkpoint saved: .*step-{target:06d}")
+            time.sleep(rng.uniform(0.0, 0.005))
+        child.proc.kill()
+        child.finish()
+        kills_in_saves += bool(partials(out))
+        latest = latest_checkpoint(out)
+        assert_complete(latest)
+        announced = re.findall(r"checkpoint saved: .*step-(\d+)", child.output)
+        done = int(latest.name.split("-")[1])
+        assert done >= int(announced[-1]) if announced else done > 0  # nothing saved was lost
+    assert done < 24
+    assert kills_in_saves >= 2  # of the 3 aimed at saves: they did land in the middle
+
+    last = Child(TINY, f"training.output_dir={out}", THREADS, *settings, "--resume", cwd=tmp_path)
+    assert last.finish() == 0, last.output
+    assert f"resumed from {latest} (step {done})" in last.output
+    assert_bitwise_equal(weights(out / "model"), weights(reference / "model"))
+    assert [r["step"] for r in train_records(out)] == list(range(1, 25))
+    assert [r["loss"] for r in train_records(out)] == [r["loss"] for r in train_records(reference)]
+    assert partials(out) == []  # what killed saves left behind was cleared
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite losses
+
+
+def poison_steps(monkeypatch, bad: set[int]) -> None:
+    """The engine's loss is NaN on the given steps (1-based)."""
+    real_build = lomotune.train.build_engine
+
+    def build(recipe, model, loss_fn):
+        engine = real_build(recipe, model, loss_fn)
+        real_step, calls = engine.step, itertools.count(1)
+
+        def nan_loss(batch):
+            loss_sum, n = loss_fn(batch)
+            return loss_sum * float("nan"), n
+
+        def step(batches, lr):
+            engine.loss_fn = nan_loss if next(calls) in bad else loss_fn
+            return real_step(batches, lr)
+
+        engine.step = step
+        return engine
+
+    monkeypatch.setattr(lomotune.train, "build_engine", build)
+
+
+NAN_METHODS = {
+    "lomo": ["optimizer.lr=0.05"],
+    "adalomo": ["optimizer.lr=0.01"],
+    "mezo": ["optimizer.lr=1e-3"],
+    "adamw": ["optimizer.lr=3e-3", "optimizer.gradient_accumulation=2"],
+}
+
+
+@pytest.mark.parametrize("method", list(NAN_METHODS))
+def test_non_finite_steps_are_skipped_counted_and_change_nothing(tmp_path, monkeypatch, method):
+    poison_steps(monkeypatch, {2, 4})
+    out = tmp_path / method
+    result = train(
+        out, f"optimizer.name={method}", *NAN_METHODS[method], "training.max_steps=6",
+        "training.save_every=1", "training.keep_checkpoints=10", "training.eval_every=0",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "step 2: non-finite loss; nothing applied" in result.output
+    assert re.search(r"^step 4/6 \| loss nan \|.* \| skipped 2 \|", result.output, re.M)
+    records = train_records(out)
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 2, 2, 2]
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 2
+    step = {c.name: weights(c / "model") for c in list_checkpoints(out)}
+    for before, skipped, after in (("1", "2", "3"), ("3", "4", "5")):
+        a, b = step[f"step-00000{before}"], step[f"step-00000{skipped}"]
+        if method == "mezo":
+            # MeZO perturbs in place (theta + eps z - eps z): back to within rounding.
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+        else:
+            assert_bitwise_equal(a, b)
+        c = step[f"step-00000{after}"]
+        assert any(not torch.equal(b[k], c[k]) for k in b)  # the next good step applies
+
+
+def test_diverging_run_stops_with_exit_4_and_a_checkpoint(tmp_path):
+    # lr 1e6: step 1 is finite and applied, the weights blow up, then every loss is NaN.
+    out = tmp_path / "run"
+    result = train(
+        out, "optimizer.lr=1e6", "training.max_steps=40", "training.save_every=1",
+        "training.keep_checkpoints=3", "training.eval_every=0",
+    )  # fmt: skip
+    assert result.exit_code == 4, result.output
+    skipped = [r["skipped_steps"] for r in train_records(out)]
+    first_bad = skipped.index(1) + 1
+    stop = first_bad + 4  # training.max_bad_steps: 5 in a row
+    assert skipped == [0] * (first_bad - 1) + [1, 2, 3, 4, 5] and first_bad >= 2
+    assert f"5 steps in a row had non-finite loss; stopped at step {stop}" in result.output
+    assert "Lower optimizer.lr" in result.output and "Traceback" not in result.output
+    assert latest_checkpoint(out) == out / "checkpoints" / f"step-{stop:06d}"
+    assert_complete(latest_checkpoint(out))
+    # The stop's save prunes nothing (keep_checkpoints is 3): what was saved before stays.
+    assert [c.name for c in list_checkpoints(out)] == [
+        f"step-{s:06d}" for s in range(stop - 3, stop + 1)
+    ]
+    # Skipped steps applied nothing: the weights stay those of the last finite step.
+    final = weights(latest_checkpoint(out) / "model")
+    for checkpoint in list_checkpoints(out)[:-1]:
+        assert int(checkpoint.name.split("-")[1]) >= first_bad - 1
+        assert_bitwise_equal(weights(checkpoint / "model"), final)
+
+
+# ---------------------------------------------------------------------------------------
+# Out of memory
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_out_of_memory_exits_3_naming_the_batch_size_and_the_fixes(tmp_path, monkeypatch, error):
+    real_build = lomotune.train.build_engine
+
+    def build(recipe, model, loss_fn):
+        engine = real_build(recipe, model, loss_fn)
+        real_step, calls = engine.step, itertools.count(1)
+
+        def step(batches, lr):
+            if next(calls) == 3:
+                raise error("Tried to allocate 2.00 GiB")
+            return real_step(batches, lr)
+
+        engine.step = step
+        return engine
+
+    monkeypatch.setattr(lomotune.train, "build_engine", build)
+    out = tmp_path / "run"
+    result = train(
+        out, "optimizer.name=adamw", "optimizer.lr=3e-3", "model.activation_checkpointing=false",
+        "training.save_every=2", "training.batch_size=6",
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "out of host memory at step 3" in result.output
+    assert "Tried to allocate 2.00 GiB" in result.output
+    assert "training.batch_size: 3 (now 6)" in result.output
+    assert "model.activation_checkpointing: true" in result.output
+    assert "optimizer.name: lomo or adalomo" in result.output
+    assert "Traceback" not in result.output
+    assert [c.name for c in list_checkpoints(out)] == ["step-000002"]  # the last good one
+
+
+# ---------------------------------------------------------------------------------------
+# A full disk
+
+
+def folder_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    settings = ["training.max_steps=6", "training.save_every=2", "training.eval_every=0"]
+    real_save_file, saves, digest = lomotune.checkpoint.save_file, [], {}
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if Path(filename).name == "optimizer.safetensors":
+            saves.append(filename)
+            if len(saves) == 2:  # the second checkpoint: half a file, then no space
+                digest["before"] = folder_digest(out / "checkpoints" / "step-000002")
+                Path(filename).write_bytes(b"\0" * 100)
+                raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(lomotune.checkpoint, "save_file", save_file)
+        result = train(out, *settings)
+    assert result.exit_code == 1, result.output
+    previous = out / "checkpoints" / "step-000002"
+    assert (
+        f"could not write checkpoint {out / 'checkpoints' / 'step-000004'}: No space left on "
+        f"device; the previous checkpoint {previous} is intact" in result.output
+    )
+    assert "Free disk space" in result.output and "Traceback" not in result.output
+    assert list_checkpoints(out) == [previous] and partials(out) == []
+    assert folder_digest(previous) == digest["before"]
+
+    # It is intact indeed: resuming from it ends where a run that never failed ends.
+    resumed = train(out, *settings, flags=["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    reference = tmp_path / "reference"
+    assert train(reference, *settings).exit_code == 0
+    assert_bitwise_equal(weights(out / "model"), weights(reference / "model"))
+
+
+def test_disk_full_while_writing_the_final_model(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save_model = lomotune.train.save_model
+
+    def save_model(run, folder):
+        if folder.name == ".partial-model":
+            (folder / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+            (folder / "model.safetensors").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_model(run, folder)
+
+    with monkeypatch.context() as m:
+        m.setattr(lomotune.train, "save_model", save_model)
+        result = train(out, "training.max_steps=3", "training.eval_every=0")
+    assert result.exit_code == 1, result.output
+    assert f"could not write the final model to {out / 'model'}: No space left on device" in (
+        result.output
+    )
+    assert "Traceback" not in result.output
+    assert not (out / "model").exists() and not (out / ".partial-model").exists()
+    assert_complete(out / "checkpoints" / "step-000003")
+    again = train(out, "training.max_steps=3", "training.eval_every=0", flags=["--resume"])
+    assert again.exit_code == 0, again.output
+    assert_bitwise_equal(
+        weights(out / "model"), weights(out / "checkpoints" / "step-000003" / "model")
+    )
+
+
+def test_disk_full_while_logging_metrics(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_write, writes = MetricsLog.write, itertools.count(1)
+
+    def write(self, kind, step, metrics):
+        if kind == "train" and next(writes) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real_write(self, kind, step, metrics)
+
+    with monkeypatch.context() as m:
+        m.setattr(MetricsLog, "write", write)
+        result = train(out, "training.max_steps=6", "training.save_every=2")
+    assert result.exit_code == 1, result.output
+    assert f"No space left on device: {out / 'metrics.jsonl'}" in result.output
+    assert "continue with --resume" in result.output and "Traceback" not in result.output
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-000004"
+    resumed = train(out, "training.max_steps=6", "training.save_every=2", flags=["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in train_records(out)] == list(range(1, 7))
