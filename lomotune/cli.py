@@ -80,7 +80,8 @@ def train(
         )
     except KeyboardInterrupt:
         fail(
-            "aborted by a second interrupt; the last complete checkpoint is intact (resume with --resume)",
+            "interrupted before a step could finish (a second Ctrl-C, or during start-up); "
+            "the last complete checkpoint, if any, is intact: continue with --resume",
             EXIT_SIGINT,
         )
 

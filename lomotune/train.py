@@ -121,16 +121,14 @@ def train(
             run.dashboard.warn(
                 "model.trust_remote_code is on: code from the model folder runs in this process"
             )
-        if recipe.training.generate_eval_examples and run.resumed_from is None:
-            run.results["accuracy_before"] = generation_accuracy(run, "before training")
         try:
+            if recipe.training.generate_eval_examples and run.resumed_from is None:
+                run.results["accuracy_before"] = generation_accuracy(run, "before training")
             fit(run, stop)
-        except torch.OutOfMemoryError as e:
+            if recipe.training.generate_eval_examples:
+                run.results["accuracy_after"] = generation_accuracy(run, "after training")
+        except (torch.OutOfMemoryError, MemoryError) as e:
             raise out_of_memory(run, e) from None
-        except MemoryError as e:
-            raise out_of_memory(run, e) from None
-        if recipe.training.generate_eval_examples:
-            run.results["accuracy_after"] = generation_accuracy(run, "after training")
         final_dir = save_final(run)
         summary = summarize(run, time.perf_counter() - started, final_dir)
         run.metrics.summary(run.state.step, summary)
@@ -395,11 +393,20 @@ def describe_run(run: Run) -> None:
         f"{len(run.data.train)} train / {len(run.data.eval)} eval examples; "
         f"{run.total_steps} steps on {run.device.type}"
     )
-    if getattr(s, "truncated", 0):
+    r = run.recipe
+    if r.optimizer.name == "mezo" and r.model.precision != "fp32" and r.optimizer.lora is None:
+        run.dashboard.warn(
+            f"mezo perturbs the weights in place: in {r.model.precision} each step's +eps*z, -2eps*z, "
+            "+eps*z drifts them by about one unit in the last place, more than a typical update. "
+            "Use model.precision: fp32 for mezo"
+        )
+    if s.dropped:
+        run.dashboard.warn(f"{s.dropped} examples dropped: their answer lay beyond data.max_length")
+    if s.truncated:
         run.dashboard.warn(
             f"{s.truncated} examples were longer than data.max_length={run.recipe.data.max_length} and were truncated"
         )
-    if getattr(s, "bad_rows_skipped", 0):
+    if s.bad_rows_skipped:
         run.dashboard.warn(f"{s.bad_rows_skipped} bad rows skipped (data.on_bad_rows: skip)")
 
 
