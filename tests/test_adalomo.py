@@ -13,23 +13,12 @@ from lomotune.models import causal_lm_loss
 from lomotune.optim.adalomo import AdaLomoRule
 from lomotune.optim.engine import FusedEngine
 from lomotune.recipe import ClipConfig
-from lomotune.testing import tiny_llama
+from lomotune.testing import random_batches, tiny_llama
 
 LR = 0.05
 
 
-def make_batches(n: int, vocab: int = 105, batch: int = 3, length: int = 12, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(5, vocab, (batch, length), generator=g)
-        labels = ids.clone()
-        labels[:, :4] = -100  # a prompt
-        mask = torch.ones_like(ids)
-        mask[0, -3:] = 0  # padding in the first row
-        labels[0, -3:] = -100
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+make_batches = random_batches
 
 
 def mean_loss(model, batch):

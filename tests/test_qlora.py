@@ -14,7 +14,7 @@ from lomotune.models import causal_lm_loss, load_model
 from lomotune.optim.engine import FusedEngine
 from lomotune.optim.lomo import LomoRule
 from lomotune.recipe import ClipConfig, LoraConfig, ModelConfig
-from lomotune.testing import SPECIAL_TOKENS, tiny_tokenizer
+from lomotune.testing import SPECIAL_TOKENS, random_batches, tiny_tokenizer
 
 bnb = pytest.importorskip("bitsandbytes")
 from peft import PeftModel  # noqa: E402
@@ -66,17 +66,7 @@ def lora_model(path, seed=0, **kw):
 
 
 def make_batches(n, batch=3, length=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(5, VOCAB, (batch, length), generator=g)
-        labels = ids.clone()
-        labels[:, :4] = -100  # a prompt
-        mask = torch.ones_like(ids)
-        mask[0, -3:] = 0  # padding in the first row
-        labels[0, -3:] = -100
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return out
+    return random_batches(n, VOCAB, batch, length, seed)
 
 
 def train_fused(model, batches, lr):

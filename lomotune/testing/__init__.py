@@ -63,3 +63,21 @@ def tiny_llama(
         tiny_llama_config(len(SPECIAL_TOKENS) + len(string.printable), tie, layers)
     )
     return model.to(dtype)
+
+
+def random_batches(
+    n: int, vocab: int = 105, batch: int = 3, length: int = 12, seed: int = 1
+) -> list[dict]:
+    """`n` batches of random token ids shaped like the loader's: the first 4 positions of
+    each row are a prompt (label -100) and the first row ends in 3 padding positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(5, vocab, (batch, length), generator=g)
+        labels = ids.clone()
+        labels[:, :4] = -100  # a prompt
+        mask = torch.ones_like(ids)
+        mask[0, -3:] = 0  # padding in the first row
+        labels[0, -3:] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
