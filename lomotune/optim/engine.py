@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from lomotune.optim.rounding import stochastic_round_to_bf16
+from lomotune.optim.rounding import stochastic_round_into
 from lomotune.recipe import ClipConfig
 
 Batch = dict[str, torch.Tensor]
@@ -238,7 +238,7 @@ class FusedEngine:
         self.rule.apply(working, g, self.states[index], self._lr, self.step_count)
         if working is not param:
             if param.dtype == torch.bfloat16 and self.stochastic_rounding:
-                param.copy_(stochastic_round_to_bf16(working, self._generator(index, param.device)))
+                stochastic_round_into(param, working, self._generator(index, param.device))
             else:
                 param.copy_(working)
 

@@ -3,7 +3,8 @@
 bf16 keeps 8 bits of mantissa: near a weight of 0.05 its spacing is 2.4e-4, so an SGD
 update of lr * grad = 1e-6 rounds back to the same weight every time and training does
 not move at all. Rounding up with probability equal to the discarded fraction makes the
-expected result exactly the fp32 value, at the cost of one random integer per element.
+expected result exactly the fp32 value, at the cost of one random 16-bit number per
+element.
 """
 
 from __future__ import annotations
@@ -11,17 +12,25 @@ from __future__ import annotations
 import torch
 
 
+def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
+    """out (bf16) <- x (fp32) rounded up or down with probabilities that make the
+    expectation exactly x. Deterministic for a given generator state."""
+    assert x.dtype == torch.float32 and out.dtype == torch.bfloat16, (x.dtype, out.dtype)
+    n = x.numel()
+    # Random 64-bit words, viewed as int32: half as many generator calls as drawing int32s
+    # (measured on CPU: 0.13 s instead of 0.21 s for 28M elements, the SmolLM2 embedding).
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device)
+    words.random_(-(2**63), None, generator=generator)  # the full 64-bit range
+    noise = words.view(torch.int32)[:n].view(x.shape).bitwise_and_(0xFFFF)  # uniform [0, 2^16)
+    # bf16 is the top 16 bits of fp32. Adding the noise to the low bits carries into the
+    # kept bits with probability (low bits / 2^16); then truncate. fp32 is sign-magnitude,
+    # so this rounds the magnitude: unbiased for negative values too.
+    noise.add_(x.contiguous().view(torch.int32)).bitwise_and_(-65536)
+    out.copy_(noise.view(torch.float32))  # exact: the low 16 bits are zero
+
+
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """x (fp32) -> bf16, rounding each element up or down with probabilities that make
-    the expectation exactly x. Deterministic for a given generator state."""
-    assert x.dtype == torch.float32, x.dtype
-    bits = x.view(torch.int32)
-    # bf16 is the top 16 bits of fp32. Adding a uniform 16-bit integer to the low bits
-    # carries into the kept bits with probability (low bits / 2^16); then truncate.
-    # The fp32 layout is sign-magnitude, so this rounds the magnitude: unbiased for
-    # negative values too.
-    noise = torch.randint(
-        0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32
-    )
-    rounded = (bits + noise).bitwise_and_(-65536)  # clear the low 16 bits
-    return rounded.view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
+    """x (fp32) -> a new bf16 tensor, stochastically rounded (see stochastic_round_into)."""
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    stochastic_round_into(out, x, generator)
+    return out
