@@ -1,0 +1,811 @@
+#!/usr/bin/env python
+"""Memory and speed of every method, side by side, in one run.
+
+    python scripts/bench.py                                   # all methods, bf16, 4 x 512
+    python scripts/bench.py --methods lomo,adamw --steps 3 --json /tmp/bench.json
+    python scripts/bench.py --fake-1b                         # counted, not measured: see below
+
+What one method's measurement is (each method in its OWN subprocess, one after another,
+never concurrently: process RSS never shrinks, so a comparison inside one process would
+charge each method with its predecessors' high-water mark):
+
+1. load the model as a recipe does (`lomotune.models.load_model`, activation
+   checkpointing on, non-reentrant); qlora-sgd loads the base in 4-bit NF4 with double
+   quantization and adds LoRA adapters (`lomotune.lora.add_lora_adapters`, r=64,
+   alpha=16, all linear layers), as `lomotune train` does;
+2. build the engine with `lomotune.optim.build_engine` (the same surface as training:
+   `engine.step([batch], lr)`), or the reference `lomo_optim.Lomo`
+   (`optimizer.fused_backward(loss, lr)`), or nothing for the `no_grad` forward;
+3. one batch of `--batch` x `--seq` uniformly random token ids (seeded), labels on all
+   tokens, no padding; the loss is `lomotune.models.causal_lm_loss` (chunked, fp32
+   logits per chunk of `model.loss_chunk_tokens`, the recipe default unless --loss-chunk);
+4. `--warmup` steps (optimizer state is allocated lazily at the first step), then
+   `--steps` measured steps: median step time, tokens/s = tokens / median step time,
+   and the peak RSS seen by `MemoryMeter` (a 20 ms sampling thread, so a lower bound).
+
+Reported memory, all process RSS:
+- `rss_loaded`: after the model (and adapters, and engine) is built, before any step:
+  the weights plus the Python/torch runtime;
+- `peak`: MemoryMeter peak during the measured steps; `peak - rss_loaded` is what the
+  method needs beyond the weights;
+- `ru_maxrss`: the kernel's lifetime peak of the process (includes loading).
+
+Speed on a shared 2-core CPU is noisy (other processes run on the same cores): read the
+ratios, measured back to back in one run, rather than the absolute numbers.
+
+`--fake-1b`: GPU memory without a GPU. A ~1.1B-parameter Llama shape is built under
+`torch._subclasses.fake_tensor.FakeTensorMode` (no storage is allocated) and one training
+step of each method is run under `torch.distributed._tools.mem_tracker.MemTracker`,
+which counts the bytes of every tensor storage alive at each op and keeps the peak. See
+`fake_1b` for what is counted and what is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+METHODS = [
+    "no_grad",
+    "lomo",
+    "lomo-ref",
+    "lomo-nosr",
+    "adalomo",
+    "mezo",
+    "qlora-sgd",
+    "sgd",
+    "adamw",
+    "adam-mini",
+]
+DESCRIPTIONS = {
+    "no_grad": "forward + loss under torch.no_grad (inference reference)",
+    "lomo": "lomotune FusedEngine + LomoRule (post-accumulate-grad hooks)",
+    "lomo-ref": "lomo_optim.Lomo 0.1.1 (reference), fused_backward(loss, lr)",
+    "lomo-nosr": "lomo with optimizer.stochastic_rounding false (round to nearest)",
+    "adalomo": "lomotune FusedEngine + AdaLomoRule",
+    "mezo": "lomotune MezoEngine (2 forwards, 1 direction)",
+    "qlora-sgd": "NF4 base + LoRA r=64 all-linear, FusedEngine SGD",
+    "sgd": "torch.optim.SGD (foreach), full backward",
+    "adamw": "torch.optim.AdamW (foreach), full backward",
+    "adam-mini": "adam_mini.Adam_mini 1.1.1, full backward",
+}
+GiB = 1024**3
+TRACKER: list = []  # the MemTracker counting the current step, if any
+
+
+def library_version() -> str:
+    """The commit the library was measured at, '+dirty' when lomotune/ has local changes."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a: str) -> str:
+        done = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "lomotune") else "")
+
+
+MiB = 1024**2
+
+
+# ---------------------------------------------------------------------------------------
+# One method, in its own process
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import resource
+
+    import torch
+
+    from lomotune.models import causal_lm_loss, count_parameters, load_model
+    from lomotune.monitor import MemoryMeter
+    from lomotune.recipe import (
+        LoraConfig,
+        ModelConfig,
+        OptimizerConfig,
+        Recipe,
+        TrainingConfig,
+    )
+
+    method, precision = args.worker, args.precision
+    torch.manual_seed(0)
+    meter = MemoryMeter("cpu")
+    gc.collect()
+    rss_start = meter.sample()
+
+    cfg = ModelConfig(
+        name=args.model,
+        precision=precision,
+        activation_checkpointing=True,
+        loss_chunk_tokens=args.loss_chunk,
+    )
+    device = torch.device("cpu")
+    t0 = time.perf_counter()
+    loaded = load_model(cfg, device, quantize_4bit=method == "qlora-sgd")
+    model = loaded.model
+    if method == "qlora-sgd":
+        from lomotune.lora import add_lora_adapters
+
+        model = add_lora_adapters(model, LoraConfig())
+    model.train()
+    load_s = time.perf_counter() - t0
+    gc.collect()
+    rss_model = meter.sample()
+    total_params, trainable = count_parameters(model)
+
+    chunk = cfg.loss_chunk_tokens
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
+    batch = {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "attention_mask": torch.ones_like(ids),
+    }
+    tokens = ids.numel()
+
+    def loss_fn(b):
+        if TRACKER:  # MemTracker refuses a second forward in one count without this
+            TRACKER[0].reset_mod_stats()
+        return causal_lm_loss(model, b, chunk)
+
+    lr = args.lr
+    tracked: list = []  # state created before the tensor count that it must include
+    if method == "no_grad":
+
+        def step() -> float:
+            with torch.no_grad():
+                s, n = loss_fn(batch)
+            return float(s) / n
+
+    elif method == "lomo-ref":
+        from lomo_optim import Lomo
+
+        opt = Lomo(model, lr=lr)
+        tracked.append(opt)
+
+        def step() -> float:
+            s, n = loss_fn(batch)
+            loss = s / n
+            value = float(loss.detach())
+            opt.fused_backward(loss, lr)
+            return value
+
+    else:
+        from lomotune.optim import build_engine
+
+        recipe = Recipe(
+            model=cfg,
+            optimizer=OptimizerConfig(
+                name=method.removesuffix("-nosr"),
+                lr=lr,
+                lora=LoraConfig() if method == "qlora-sgd" else None,
+                stochastic_rounding=not method.endswith("-nosr"),
+            ),
+            training=TrainingConfig(max_steps=args.warmup + args.steps),
+        )
+        engine = build_engine(recipe, model, loss_fn)
+        if hasattr(engine, "optimizer"):
+            tracked.append(engine.optimizer)
+        for st in getattr(engine, "states", []):
+            tracked += list(st.values())
+
+        def step() -> float:
+            return engine.step([batch], lr).loss
+
+    gc.collect()
+    rss_loaded = meter.sample()
+
+    meter.start()
+    losses, warm_times = [], []
+    for _ in range(args.warmup):
+        t = time.perf_counter()
+        losses.append(step())
+        warm_times.append(time.perf_counter() - t)
+    gc.collect()
+    rss_after_warmup = meter.sample()
+    meter.reset_peak()
+    times, cpu_times = [], []
+    for _ in range(args.steps):
+        t, c = time.perf_counter(), time.process_time()
+        losses.append(step())
+        times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
+    peak = meter.peak_bytes()
+    meter.stop()
+    median = statistics.median(times)
+    tensors = count_tensor_bytes(step, model, tracked, batch) if args.count_tensors else None
+    return {
+        "method": method,
+        "precision": precision,
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "tokens_per_step": tokens,
+        "params": total_params,
+        "trainable_params": trainable,
+        "load_s": load_s,
+        "rss_start": rss_start,
+        "rss_model": rss_model,
+        "rss_loaded": rss_loaded,
+        "rss_after_warmup": rss_after_warmup,
+        "peak": peak,
+        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "warmup_s": warm_times,
+        "step_s": times,
+        "cpu_s": cpu_times,
+        "median_cpu_s": statistics.median(cpu_times),
+        "min_step_s": min(times),
+        "tensors": tensors,
+        "median_step_s": median,
+        "tokens_per_s": tokens / median,
+        "losses": losses,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def count_tensor_bytes(step, model, tracked: list, batch: dict) -> dict:
+    """One more step under MemTracker with real tensors: the peak of the bytes held by
+    live tensor storages (what a GPU's allocator would count, less its rounding), free of
+    malloc's caching and of the RSS of code and libraries. MemTracker only sees tensors
+    created inside it or passed to `track_external`: the model, the batch, and state that
+    was created earlier (optimizer state, AdaLomo's factored moments) are passed."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class Tracker(MemTracker):
+        # MemTracker puts gradient hooks on every parameter it sees, which raises for a
+        # frozen one (the 4-bit base of qlora-sgd), and its post-accumulate hook reads
+        # p.grad after the fused engine's hook has already freed it: hook only trainable
+        # parameters, and skip a gradient that is gone.
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if not install_grad_hooks:
+                return out
+
+            def grad_hook(grad):
+                if grad is not None:
+                    self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+            for param in module.parameters():
+                if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                    self._param_to_grad_hook_handles[param] = (
+                        param.register_hook(grad_hook),
+                        param.register_post_accumulate_grad_hook(lambda p: grad_hook(p.grad)),
+                    )
+            return out
+
+    try:
+        tracker = Tracker()
+        tracker.track_external(model, *tracked, *batch.values())
+        TRACKER.append(tracker)
+        try:
+            with tracker:
+                step()
+        finally:
+            TRACKER.clear()
+        snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        return {str(k.value if hasattr(k, "value") else k): int(v) for k, v in snap.items()}
+    except Exception as e:  # the count is extra: report and go on
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
+def run_worker(method: str, precision: str, args: argparse.Namespace) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--precision",
+        precision,
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--lr",
+        str(args.lr),
+        "--loss-chunk",
+        str(args.loss_chunk),
+        "--worker-out",
+        out,
+    ]
+    if not args.count_tensors:
+        cmd.append("--no-count-tensors")
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
+        return {
+            "method": method,
+            "precision": precision,
+            "error": "\n".join(tail),
+            "wall_s": wall,
+        }
+    result = json.loads(Path(out).read_text())
+    os.unlink(out)
+    result["wall_s"] = wall
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Tables
+
+
+def gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}"
+
+
+def tensor_total(r: dict) -> int | None:
+    t = r.get("tensors") or {}
+    return t.get("Total")
+
+
+def tensor_beyond(r: dict) -> int | None:
+    t = r.get("tensors") or {}
+    if "Total" not in t:
+        return None
+    return t["Total"] - t.get("Parameter", 0) - t.get("Buffer", 0)
+
+
+def rss_beyond(r: dict | None) -> int | None:
+    return None if r is None else r["peak"] - r["rss_loaded"]
+
+
+def tables(results: list[dict]) -> str:
+    lines = []
+    by_precision: dict[str, list[dict]] = {}
+    for r in results:
+        by_precision.setdefault(r["precision"], []).append(r)
+    for precision, rows in by_precision.items():
+        ok = [r for r in rows if "error" not in r]
+        ref = {r["method"]: r for r in ok}
+        lines.append(f"\n### {precision}\n")
+        lines.append(
+            "| method | RSS loaded | peak RSS in steps | RSS beyond loaded | ru_maxrss "
+            "| tensor peak (MemTracker) | tensors beyond weights "
+            "| median (min) step s | CPU s/step | tokens/s | loss first -> last |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "error" in r:
+                first = r["error"].strip().splitlines()[-1][:160]
+                lines.append(f"| {r['method']} | failed: {first} |" + " |" * 9)
+                continue
+            total, beyond = tensor_total(r), tensor_beyond(r)
+            lines.append(
+                f"| {r['method']} | {gib(r['rss_loaded'])} | {gib(r['peak'])} "
+                f"| {gib(rss_beyond(r))} | {gib(r['ru_maxrss'])} "
+                f"| {gib(total) if total is not None else '-'} "
+                f"| {gib(beyond) if beyond is not None else '-'} "
+                f"| {r['median_step_s']:.2f} ({r['min_step_s']:.2f}) | {r['median_cpu_s']:.1f} "
+                f"| {r['tokens_per_s']:.0f} | {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |"
+            )
+        lines.append("\n(memory in GiB; tokens/s = tokens per step / median step time)\n")
+        lines.append(
+            "| method | vs | peak RSS | RSS beyond loaded | tensor peak | tensors beyond weights "
+            "| tokens/s | CPU s/step |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for base_name in ("adamw", "no_grad"):
+            base = ref.get(base_name)
+            if base is None:
+                continue
+            for r in ok:
+                lines.append(
+                    f"| {r['method']} | {base_name} "
+                    f"| {ratio(r['peak'], base['peak'])} "
+                    f"| {ratio(rss_beyond(r), rss_beyond(base))} "
+                    f"| {ratio(tensor_total(r), tensor_total(base))} "
+                    f"| {ratio(tensor_beyond(r), tensor_beyond(base))} "
+                    f"| {ratio(r['tokens_per_s'], base['tokens_per_s'])} "
+                    f"| {ratio(r['median_cpu_s'], base['median_cpu_s'])} |"
+                )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU memory without a GPU: FakeTensorMode + MemTracker
+
+
+FAKE_METHODS = ["no_grad", "lomo", "lomo-nosr", "adalomo", "mezo", "sgd", "adamw"]
+
+
+def fake_1b(
+    methods: list[str], batch: int, seq: int, layers: int, like: str | None, chunk: int
+) -> list[dict]:
+    """One training step of each method on a ~1.1B Llama, counted, not run.
+
+    The model is built under FakeTensorMode (tensors have shapes, dtypes and devices but
+    no data); MemTracker (a TorchDispatchMode) sees every op's outputs, follows each
+    storage with a weak reference and keeps the running total and its peak. Nothing
+    data-dependent can run under FakeTensorMode, which rules out two things from the
+    real path, replaced here by equivalents with the same tensors:
+    - `causal_lm_loss` selects the label positions with a boolean mask (`h[keep]`: an
+      output shape that depends on data). With labels on every token the selection is
+      every position, so the fake loss slices instead, and computes the same chunked,
+      checkpointed fp32 cross-entropy (`chunk` tokens a chunk: --loss-chunk);
+    - `FusedEngine.step` and `OptimizerEngine.step` read the loss with `float(loss)`
+      (a value that fake tensors do not have). The fused step is driven through the
+      engine's own hooks (`_mode = "update"` and `loss.backward()`, exactly the update
+      pass of `FusedEngine.step` with clip.mode none); adamw/sgd call
+      `loss.backward(); optimizer.step(); zero_grad(set_to_none=True)` as
+      `OptimizerEngine.step` does; mezo calls the engine's `_perturb` / `_loss` /
+      `_update` in the order of `MezoEngine.step`, with a constant projected gradient.
+    The device of the fake tensors is CPU: byte counts are exact element counts x sizes,
+    without the CUDA allocator's 512-byte rounding or fragmentation, and without the
+    CUDA context and cuBLAS workspaces (~0.5-1 GiB on a real GPU).
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils.checkpoint import checkpoint
+    from transformers import LlamaConfig
+
+    from lomotune.models import _chunk_loss, split_head
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    if like is not None:
+        # The shape of a real model (e.g. smollm2-135m), to check the count against
+        # MemTracker on real tensors (the `tensor peak` column of the CPU bench).
+        from transformers import AutoConfig
+
+        from lomotune.models import resolve_model
+
+        config = AutoConfig.from_pretrained(resolve_model(like))
+        config.use_cache = False
+
+    def fake_loss(model, b):
+        body, head = split_head(model)
+        hidden = body(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
+        ).last_hidden_state
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # every position has a label
+        y = b["labels"][:, 1:].reshape(-1)
+        n = y.numel()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            total = total + checkpoint(
+                _chunk_loss, h[start:end], head.weight, head.bias, y[start:end], use_reentrant=False
+            )
+        return total, n
+
+    # A FakeTensor's data_ptr() is 0 for every tensor, so the engine's "is the fp32
+    # gradient the same tensor as grad?" test (`g.data_ptr() == grad.data_ptr()`) would be
+    # true for a bf16 gradient too, and count a clone that a real run never makes. Give
+    # fake tensors a data pointer that tells storages apart, for the count only.
+    had_own = "data_ptr" in FakeTensor.__dict__
+    saved_data_ptr = FakeTensor.__dict__.get("data_ptr")
+    FakeTensor.data_ptr = lambda self: (
+        self.untyped_storage()._cdata + self.storage_offset() * self.element_size()
+    )
+    try:
+        return _fake_runs(methods, batch, seq, config, fake_loss)
+    finally:
+        if had_own:
+            FakeTensor.data_ptr = saved_data_ptr
+        else:
+            del FakeTensor.data_ptr
+
+
+def _fake_runs(methods, batch, seq, config, fake_loss) -> list[dict]:
+    results = []
+    for method in methods:
+        started = time.perf_counter()
+        try:
+            row = _fake_one(method, batch, seq, config, fake_loss)
+        except Exception as e:  # report, go on with the next method
+            import traceback
+
+            row = {
+                "method": method,
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                "traceback": traceback.format_exc()[-3000:],
+            }
+        row["seconds"] = time.perf_counter() - started
+        results.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+    return results
+
+
+def _fake_one(method, batch, seq, config, fake_loss) -> dict:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import LlamaForCausalLM
+
+    from lomotune.recipe import ClipConfig, OptimizerConfig
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        torch.manual_seed(0)
+        # built in bf16 from the start (`.to()` cannot swap fake parameters)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = torch.randint(0, config.vocab_size, (batch, seq))
+        b = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+        n_params = sum(p.numel() for p in model.parameters())
+        tracker = MemTracker()
+        tracker.track_external(model, ids)
+        engine = opt = None
+        if method in ("lomo", "lomo-nosr", "adalomo"):
+            from lomotune.optim.engine import FusedEngine
+
+            if method == "adalomo":
+                from lomotune.optim.adalomo import AdaLomoRule
+
+                rule = AdaLomoRule()
+            else:
+                from lomotune.optim.lomo import LomoRule
+
+                rule = LomoRule()
+            engine = FusedEngine(
+                model,
+                rule,
+                partial(fake_loss, model),
+                clip=ClipConfig(),
+                stochastic_rounding=method != "lomo-nosr",
+            )
+            tracker.track_external(*[t for st in engine.states for t in st.values()])
+        elif method == "mezo":
+            from lomotune.optim.mezo import MezoEngine
+
+            engine = MezoEngine(model, partial(fake_loss, model))
+        elif method in ("adamw", "sgd"):
+            from lomotune.optim.baseline import build_optimizer
+
+            opt = build_optimizer(model, OptimizerConfig(name=method, lr=1e-5))
+
+        def forward():
+            # MemTracker refuses a module called twice unless its per-module stats are
+            # reset; the global peak is kept.
+            tracker.reset_mod_stats()
+            return fake_loss(model, b)
+
+        with tracker:
+            if method == "no_grad":
+                with torch.no_grad():
+                    forward()
+            elif engine is not None and method != "mezo":
+                # FusedEngine.step's update pass (clip.mode none), without float(loss)
+                s, n = forward()
+                engine.step_count += 1
+                engine._lr, engine._grad_factor = 1e-5, 1.0
+                engine._mode = "update"
+                try:
+                    (s / n).backward()
+                finally:
+                    engine._mode = "idle"
+            elif method == "mezo":
+                # MezoEngine.step without float(loss): perturb, l+, perturb, l-, restore, update
+                with torch.no_grad():
+                    seed = engine.direction_seed(1, 0)
+                    engine._perturb(seed, engine.eps)
+                    forward()
+                    engine._perturb(seed, -2 * engine.eps)
+                    forward()
+                    engine._perturb(seed, engine.eps)
+                    engine._update([seed], [0.1], 1e-6)
+            else:
+                # OptimizerEngine.step, twice: the first step allocates the optimizer
+                # state, the second runs with it
+                for _ in range(2):
+                    s, n = forward()
+                    (s / n).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+        dev_snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        return {
+            "method": method,
+            "params": n_params,
+            "peak": dev_snap["Total"],
+            "breakdown_at_peak": {
+                str(k.value if hasattr(k, "value") else k): v
+                for k, v in dev_snap.items()
+                if k != "Total"
+            },
+        }
+
+
+def fake_table(rows: list[dict]) -> str:
+    ok = {r["method"]: r for r in rows if "error" not in r}
+    weights = None
+    if ok:
+        any_row = next(iter(ok.values()))
+        weights = any_row["params"] * 2
+    adamw = ok.get("adamw")
+    lines = [
+        "| method | peak (GiB) | beyond bf16 weights (GiB) | peak / adamw | at the peak: weights / grads / optimizer state / activations+temp (GiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error'][:150]} | | | |")
+            continue
+        bd = r["breakdown_at_peak"]
+        parts = "{:.2f} / {:.2f} / {:.2f} / {:.2f}".format(
+            (bd.get("Parameter", 0) + bd.get("Buffer", 0)) / GiB,
+            bd.get("Gradient", 0) / GiB,
+            bd.get("Optstate", 0) / GiB,
+            (bd.get("Activation", 0) + bd.get("Temp", 0) + bd.get("Other", 0)) / GiB,
+        )
+        lines.append(
+            f"| {r['method']} | {gib(r['peak'])} | {gib(r['peak'] - weights)} "
+            f"| {ratio(r['peak'], adamw and adamw['peak'])} | {parts} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--methods",
+        help=f"comma list of {METHODS} (default: all); with --fake-1b of {FAKE_METHODS}",
+    )
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="measured steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--precision", default="bf16", help="bf16, fp32, or a comma list")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument(
+        "--loss-chunk",
+        type=int,
+        help="model.loss_chunk_tokens (default: the recipe's default)",
+    )
+    p.add_argument("--json", help="write every number measured here")
+    p.add_argument(
+        "--no-count-tensors",
+        dest="count_tensors",
+        action="store_false",
+        help="skip the extra step that counts live tensor bytes with MemTracker",
+    )
+    p.add_argument("--fake-1b", action="store_true", help="count GPU memory of a ~1.1B Llama step")
+    p.add_argument("--fake-layers", type=int, default=16)
+    p.add_argument(
+        "--fake-like", help="count a real model's shape instead (a model name, e.g. smollm2-135m)"
+    )
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.loss_chunk is None:
+        from lomotune.recipe import ModelConfig
+
+        args.loss_chunk = ModelConfig().loss_chunk_tokens
+
+    if args.worker:
+        result = worker(args)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return
+
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    if args.fake_1b:
+        unknown = [m for m in methods if m not in FAKE_METHODS]
+        if unknown:
+            p.error(f"--fake-1b counts {FAKE_METHODS}; not {unknown}")
+        methods = methods or FAKE_METHODS
+        started = time.perf_counter()
+        rows = fake_1b(
+            methods, args.batch, args.seq, args.fake_layers, args.fake_like, args.loss_chunk
+        )
+        print()
+        shape = (
+            f"the shape of {args.fake_like}"
+            if args.fake_like
+            else f"Llama hidden 2048, {args.fake_layers} layers, 32 heads / 8 kv heads, "
+            "intermediate 5632, vocab 32000, untied"
+        )
+        print(
+            f"Counted under FakeTensorMode + MemTracker: {shape}; bf16; batch {args.batch} x "
+            f"{args.seq}; activation checkpointing (non-reentrant); loss chunks of {args.loss_chunk} tokens"
+        )
+        print(fake_table(rows))
+        print(f"\n(total {time.perf_counter() - started:.0f} s)")
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"lomotune": library_version(), "fake_1b": rows}, indent=1)
+            )
+        return
+
+    methods = methods or METHODS
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; known: {METHODS}")
+    import torch
+
+    header = {
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "lomotune": library_version(),
+        "loadavg_start": os.getloadavg(),
+    }
+    print(
+        f"bench: {args.model}, batch {args.batch} x {args.seq} random tokens, labels on all, "
+        f"activation checkpointing on, loss chunk {args.loss_chunk} tokens, {args.warmup} warmup + {args.steps} measured steps, "
+        f"each method in its own process; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"lomotune {header['lomotune']}",
+        flush=True,
+    )
+    results = []
+    started = time.perf_counter()
+    for precision in args.precision.split(","):
+        for method in methods:
+            r = run_worker(method, precision, args)
+            results.append(r)
+            if "error" in r:
+                print(
+                    f"  {precision} {method:10s} FAILED ({r['wall_s']:.0f} s):\n{r['error']}",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"  {precision} {method:10s} loaded {gib(r['rss_loaded'])} GiB, peak {gib(r['peak'])} GiB, "
+                    f"median step {r['median_step_s']:.2f} s, {r['tokens_per_s']:.0f} tok/s "
+                    f"({r['wall_s']:.0f} s)",
+                    flush=True,
+                )
+    total = time.perf_counter() - started
+    header["loadavg_end"] = os.getloadavg()
+    print("\n" + "\n".join(f"- {m}: {DESCRIPTIONS[m]}" for m in methods))
+    print(tables(results))
+    print(
+        f"\n(total {total:.0f} s; load average {header['loadavg_start'][0]:.1f} at the start, "
+        f"{header['loadavg_end'][0]:.1f} at the end: other processes share these cores)"
+    )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({**header, "total_s": total, "results": results}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
