@@ -42,7 +42,7 @@ from lomotune.models import LoadedModel, causal_lm_loss, count_parameters, load_
 from lomotune.monitor import MemoryMeter, Throughput, format_bytes
 from lomotune.optim import build_engine
 from lomotune.optim.schedule import lr_at
-from lomotune.recipe import Recipe, RecipeError, recipe_to_yaml
+from lomotune.recipe import LoraConfig, Recipe, RecipeError, recipe_to_yaml
 
 # Exit codes: what a script calling lomotune can tell apart.
 EXIT_BAD_INPUT = 2
@@ -217,10 +217,11 @@ def setup(
     seed_everything(recipe.training.seed)
     opt = recipe.optimizer
     loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd")
-    if opt.lora is not None:
+    lora = opt.lora if opt.lora is not None or opt.name != "qlora-sgd" else LoraConfig()
+    if lora is not None:  # qlora-sgd always trains adapters: QLoRA's defaults if none given
         from lomotune.lora import add_lora_adapters
 
-        loaded.model = add_lora_adapters(loaded.model, opt.lora)
+        loaded.model = add_lora_adapters(loaded.model, lora)
     data = prepare_data(recipe.data, loaded.tokenizer, seed=recipe.training.seed)
     loader = BatchLoader(
         data.train,

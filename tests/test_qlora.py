@@ -244,3 +244,44 @@ def test_merge_adapter_equals_peft_model_on_full_precision_base(base_dir, traine
         merge_adapter(base_dir, adapter_dir, tmp_path / "other", "nf4")
     merge_adapter(base_dir, adapter_dir, out, "bf16", overwrite=True)
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_an_eval_forward_does_not_break_later_training(base_dir):
+    """bitsandbytes repacks 4-bit weights for CPU inference on an eval-mode no-grad
+    forward, after which no gradient flows through them; our eval passes must not."""
+    batch = make_batches(1)[0]
+
+    def adapter_grads(model):
+        model.zero_grad()
+        total, n = causal_lm_loss(model, batch, 64)
+        (total / n).backward()
+        return {
+            k: p.grad.clone()
+            for k, p in model.named_parameters()
+            if "lora_A" in k and p.grad is not None
+        }
+
+    model = lora_model(base_dir, precision="bf16")
+    with torch.no_grad():  # lora_B starts at zero: give lora_A a gradient to carry
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-2, generator=torch.Generator().manual_seed(0))
+    before = adapter_grads(model)
+    model.eval()
+    with torch.no_grad():
+        causal_lm_loss(model, batch, 64)
+    model.train()
+    after = adapter_grads(model)
+    assert before and set(before) == set(after)
+    for k in before:
+        assert torch.allclose(before[k], after[k], rtol=1e-3, atol=1e-8), k
+    packed = [
+        m
+        for m in model.modules()
+        if getattr(
+            getattr(getattr(m, "weight", None), "quant_state", None),
+            "packing_format_for_cpu",
+            False,
+        )
+    ]
+    assert not packed
