@@ -59,14 +59,7 @@ def add_lora_adapters(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
         peft_model = get_peft_model(model, peft_cfg)
     except ValueError as e:  # e.g. target modules that match nothing
         raise ValueError(f"optimizer.lora.target_modules: {e}") from None
-    for module in peft_model.modules():
-        # bitsandbytes (0.50) repacks a Linear4bit's weight for fast CPU inference the
-        # first time it runs in eval mode without grad (our eval passes), permanently:
-        # afterwards its matmul has no backward, and the adapters below it get almost no
-        # gradient (measured on SmolLM2: 2.7e-4 -> 1.4e-9). Training needs the unpacked
-        # layout, so turn that inference path off.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_4bit_layers_trainable(peft_model)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     stray = [n for n in trainable if "lora_" not in n]
     if stray or not trainable:
@@ -74,6 +67,16 @@ def add_lora_adapters(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
             f"LoRA should train only adapter parameters; trainable: {stray or 'none'}"
         )
     return peft_model
+
+
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a Linear4bit's weight for fast CPU inference the first
+    time it runs in eval mode without grad (our eval passes), permanently: afterwards its
+    matmul has no backward, and the adapters below it get almost no gradient (measured on
+    SmolLM2: 2.7e-4 -> 1.4e-9). Training needs the unpacked layout: turn that path off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def save_adapter(model: torch.nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> Path:

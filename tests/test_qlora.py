@@ -9,7 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lomotune.export import ExportError, OutputExistsError, merge_adapter
-from lomotune.lora import add_lora_adapters, describe_adapters, save_adapter, tensor_bytes
+from lomotune.lora import (
+    add_lora_adapters,
+    describe_adapters,
+    keep_4bit_layers_trainable,
+    save_adapter,
+    tensor_bytes,
+)
 from lomotune.models import causal_lm_loss, load_model
 from lomotune.optim.engine import FusedEngine
 from lomotune.optim.lomo import LomoRule
@@ -191,6 +197,7 @@ def test_saved_adapter_reloads_on_a_fresh_4bit_base(base_dir, trained):
     assert config["r"] == LORA.r and config["lora_alpha"] == LORA.alpha
 
     reloaded = PeftModel.from_pretrained(load_base(base_dir), adapter_dir)
+    keep_4bit_layers_trainable(reloaded)  # the same 4-bit kernel as the trained model
     batch = make_batches(1, seed=7)[0]
     diff = (logits(model, batch) - logits(reloaded, batch)).abs().max().item()
     assert diff == 0.0, f"reloaded adapter changes the logits by {diff}"
