@@ -460,7 +460,6 @@ def fake_1b(
     CUDA context and cuBLAS workspaces (~0.5-1 GiB on a real GPU).
     """
     import torch
-    from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils.checkpoint import checkpoint
     from transformers import LlamaConfig
 
@@ -503,22 +502,7 @@ def fake_1b(
             )
         return total, n
 
-    # A FakeTensor's data_ptr() is 0 for every tensor, so the engine's "is the fp32
-    # gradient the same tensor as grad?" test (`g.data_ptr() == grad.data_ptr()`) would be
-    # true for a bf16 gradient too, and count a clone that a real run never makes. Give
-    # fake tensors a data pointer that tells storages apart, for the count only.
-    had_own = "data_ptr" in FakeTensor.__dict__
-    saved_data_ptr = FakeTensor.__dict__.get("data_ptr")
-    FakeTensor.data_ptr = lambda self: (
-        self.untyped_storage()._cdata + self.storage_offset() * self.element_size()
-    )
-    try:
-        return _fake_runs(methods, batch, seq, config, fake_loss)
-    finally:
-        if had_own:
-            FakeTensor.data_ptr = saved_data_ptr
-        else:
-            del FakeTensor.data_ptr
+    return _fake_runs(methods, batch, seq, config, fake_loss)
 
 
 def _fake_runs(methods, batch, seq, config, fake_loss) -> list[dict]:

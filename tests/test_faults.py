@@ -37,14 +37,6 @@ runner = CliRunner()
 THREADS = "hardware.threads=1"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """hardware.threads=1 sets torch's thread count for the process: restore it after."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def train(out: Path, *overrides: str, flags=()):
     return runner.invoke(
         app, ["train", TINY, f"training.output_dir={out}", THREADS, *overrides, "--plain", *flags]

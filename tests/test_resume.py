@@ -56,14 +56,6 @@ class SimulatedCrash(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """hardware.threads=1 sets torch's thread count for the process: restore it after."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def train(out: Path, *overrides: str, flags=()):
     return runner.invoke(
         app, ["train", TINY, f"training.output_dir={out}", *overrides, "--plain", *flags]

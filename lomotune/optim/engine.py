@@ -225,9 +225,9 @@ class FusedEngine:
 
     @torch.no_grad()
     def _update(self, index: int, param: torch.Tensor, grad: torch.Tensor) -> None:
+        # The hook already took the gradient off the parameter, so nothing else holds it:
+        # an fp32 gradient is modified in place, not copied (one copy less per tensor).
         g = grad.float()
-        if g.data_ptr() == grad.data_ptr():
-            g = g.clone()  # fp32 gradient: the rule may modify it
         if self._sq_parts is not None:
             self._sq_parts.append(g.pow(2).sum())
         if self._grad_factor != 1.0:
