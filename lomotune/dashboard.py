@@ -249,7 +249,9 @@ class Dashboard:
 
     # -- updates ----------------------------------------------------------------------
 
-    def update_step(self, step: int, metrics: dict[str, Any]) -> None:
+    def update_step(self, step: int, metrics: dict[str, Any], *, show: bool = True) -> None:
+        """Record a step (every step: the smoothed loss must not depend on how often
+        lines are shown); print or refresh only when `show`."""
         if not self.enabled:
             return
         self.step = step
@@ -262,6 +264,8 @@ class Dashboard:
                 self._loss_ema = LOSS_EMA_BETA * self._loss_ema + (1 - LOSS_EMA_BETA) * loss
                 self._loss_count += 1
         self._recent.append((time.monotonic(), step))
+        if not show:
+            return
         if self._progress is not None:
             self._progress.update(self._task, completed=step)
         if self._live is None:

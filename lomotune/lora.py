@@ -51,7 +51,7 @@ def add_lora_adapters(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
         task_type=TaskType.CAUSAL_LM,
         r=cfg.r,
         lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
+        lora_dropout=cfg.dropout if cfg.dropout is not None else default_lora_dropout(model),
         target_modules=cfg.target_modules,
         bias="none",
     )
@@ -67,6 +67,13 @@ def add_lora_adapters(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
             f"LoRA should train only adapter parameters; trainable: {stray or 'none'}"
         )
     return peft_model
+
+
+def default_lora_dropout(model: torch.nn.Module) -> float:
+    """QLoRA's dropout (arXiv 2305.14314, Appendix B): 0.1 up to 13B parameters, 0.05
+    for 33B and 65B."""
+    total = sum(logical_numel(p) for p in model.parameters())
+    return 0.05 if total >= 30e9 else 0.1
 
 
 def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,11 @@ def load_model(
     when asked. `quantize_4bit` loads the base in NF4 (qlora-sgd)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if cfg.precision not in DTYPES:  # "auto" is resolved for the device first
+        raise ValueError(
+            f"load_model needs a resolved precision, got {cfg.precision!r}: "
+            "call precision.resolve_precision first"
+        )
     dtype = DTYPES[cfg.precision]
     if cfg.name == TINY_ALIAS:
         from lomotune.testing import tiny_llama, tiny_tokenizer
@@ -225,6 +231,65 @@ def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module
     return base.get_decoder(), base.get_output_embeddings()
 
 
+# What each family's forward does to the output projection before its loss (read from
+# transformers' modeling files). The chunked loss reproduces it; a family not listed
+# here falls back to the model's own forward(labels=...), never a silently wrong loss.
+PLAIN_HEAD_FAMILIES = {
+    "llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3",
+    "opt", "gpt_neox", "olmo", "olmo2", "smollm3", "starcoder2", "gemma",
+}  # fmt: skip
+
+
+def _softcap(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    cap = config.final_logit_softcapping
+    return None if cap is None else (lambda z: torch.tanh(z / cap) * cap)
+
+
+LOGIT_TRANSFORMS: dict[str, Callable[[object], Callable[[torch.Tensor], torch.Tensor] | None]] = {
+    "gemma2": _softcap,  # tanh(z / cap) * cap
+    "gemma3_text": _softcap,
+    "granite": lambda c: lambda z: z / c.logits_scaling,
+    "granitemoe": lambda c: lambda z: z / c.logits_scaling,
+    "cohere": lambda c: lambda z: z * c.logit_scale,
+    "cohere2": lambda c: lambda z: z * c.logit_scale,
+    "falcon_h1": lambda c: lambda z: z * c.lm_head_multiplier,
+}
+
+
+@dataclass(frozen=True)
+class LossPath:
+    """How lomotune computes a model's loss: chunked (with the family's logit transform,
+    if any), or the model's own forward when the chunked path cannot reproduce it."""
+
+    chunked: bool
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    reason: str = ""  # why the model's own loss is used
+
+
+def loss_path(model: torch.nn.Module) -> LossPath:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    family = getattr(config, "model_type", None)
+    if getattr(config, "output_router_logits", False):
+        return LossPath(False, reason=f"{family} adds its router's load-balancing loss")
+    if family in LOGIT_TRANSFORMS:
+        return LossPath(True, LOGIT_TRANSFORMS[family](config))
+    if family in PLAIN_HEAD_FAMILIES:
+        return LossPath(True)
+    return LossPath(False, reason=f"the chunked loss does not know the {family!r} head")
+
+
+def loss_note(model: torch.nn.Module) -> str | None:
+    """One line for the start of a run when the model's own (unchunked) loss is used."""
+    path = loss_path(model)
+    if path.chunked:
+        return None
+    return (
+        f"loss: {path.reason}, so its own forward(labels=...) computes the loss; the full "
+        "logits tensor is kept (more memory than the chunked loss)"
+    )
+
+
 def causal_lm_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024
 ) -> tuple[torch.Tensor, int]:
@@ -232,8 +297,13 @@ def causal_lm_loss(
 
     Only positions with a label are projected to the vocabulary, `chunk_tokens` at a
     time, each chunk under activation checkpointing: the (tokens x vocab) fp32 logits
-    never exist whole, and are recomputed chunk by chunk in backward.
+    never exist whole, and are recomputed chunk by chunk in backward. The projection is
+    the model's own output module (a LoRA adapter on it takes part) followed by the
+    family's logit transform (softcapping, scaling).
     """
+    path = loss_path(model)
+    if not path.chunked:
+        return _own_loss(model, batch)
     body, head = split_head(model)
     hidden = body(
         input_ids=batch["input_ids"],
@@ -248,20 +318,33 @@ def causal_lm_loss(
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
+
+    def chunk_loss(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
+        logits = head(h_chunk).float()  # (n, vocab)
+        if path.transform is not None:
+            logits = path.transform(logits)
+        return F.cross_entropy(logits, y_chunk, reduction="sum")
+
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_tokens):
         end = min(start + chunk_tokens, n)
-        total = total + checkpoint(
-            _chunk_loss, h[start:end], head.weight, head.bias, y[start:end], use_reentrant=False
-        )
+        total = total + checkpoint(chunk_loss, h[start:end], y[start:end], use_reentrant=False)
     return total, n
 
 
-def _chunk_loss(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
-) -> torch.Tensor:
-    logits = F.linear(h, weight, bias).float()  # (n, vocab)
-    return F.cross_entropy(logits, y, reduction="sum")
+def _own_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The model's forward(labels=...) mean loss, as (sum, count) like the chunked path."""
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        labels=batch["labels"],
+        use_cache=False,
+    )
+    if n == 0:
+        return out.logits.sum() * 0.0, 0
+    return out.loss.float() * n, n
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

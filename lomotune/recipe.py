@@ -8,18 +8,22 @@ Defaults live here, in the schema, and nowhere else.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Precision = Literal["bf16", "fp16", "fp32"]
+# auto: bf16 where the hardware computes in it natively, else fp32 (see precision.py).
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 MethodName = Literal["lomo", "adalomo", "mezo", "qlora-sgd", "adamw", "sgd", "adam-mini"]
 
 # Methods whose update is applied inside backward: no gradient survives a micro-batch,
 # so gradients cannot be accumulated over several of them.
 FUSED_METHODS = ("lomo", "adalomo", "qlora-sgd")
+# Methods that run an ordinary torch optimizer after a full backward.
+BASELINE_METHODS = ("adamw", "sgd", "adam-mini")
 
 
 class RecipeError(Exception):
@@ -42,7 +46,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field("smollm2-135m", description="built-in alias, local folder, or hub id")
-    precision: Precision = "bf16"
+    precision: Precision = "auto"
     activation_checkpointing: bool = True
     trust_remote_code: bool = False
     # Label tokens per chunk of the chunked loss: the fp32 logits never exist whole. A
@@ -77,34 +81,85 @@ class ClipConfig(Section):
 
 
 class LoraConfig(Section):
+    # QLoRA's settings (arXiv 2305.14314, Appendix B): r 64, alpha 16, dropout 0.1 for
+    # models up to 13B and 0.05 from 33B (None picks by the model's size).
     r: int = Field(64, ge=1)
     alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    lr: float  # used when the recipe sets no optimizer.lr
+    usual_lr: tuple[float, float]  # outside this range a warning names it
+    source: str  # where the default comes from
+
+
+# Each method's own learning rate: they differ by six orders of magnitude, so one default
+# for all would be wrong for most of them.
+METHOD_DEFAULTS = {
+    # LOMO paper (arXiv 2306.09782) trains LLaMA on SuperGLUE at 3e-2 with global-norm
+    # clipping at 1.0; without clipping (the default here) 1e-2 is the safer start.
+    "lomo": MethodDefaults(1e-2, (1e-4, 1e-1), "LOMO paper: 3e-2 with clip 1.0"),
+    "adalomo": MethodDefaults(1e-3, (1e-5, 1e-2), "AdaLomo paper and lomo-optim: 1e-3"),
+    "mezo": MethodDefaults(1e-6, (1e-8, 1e-4), "MeZO paper, full-parameter: 1e-6/1e-7"),
+    # QLoRA's 2e-4 is for paged AdamW; plain SGD on adapters needs a much larger step.
+    "qlora-sgd": MethodDefaults(1e-2, (1e-4, 1.0), "SGD on LoRA adapters; QLoRA's Adam uses 2e-4"),
+    "adamw": MethodDefaults(2e-5, (1e-6, 1e-3), "full fine-tuning with AdamW: 1e-5 to 5e-5"),
+    "sgd": MethodDefaults(1e-2, (1e-4, 1e-1), "as lomo"),
+    "adam-mini": MethodDefaults(2e-5, (1e-6, 1e-3), "Adam-mini paper: AdamW's learning rate"),
+}
+
+# Keys that only some methods read: set for any other method, they are refused, never
+# silently ignored.
+METHOD_ONLY_KEYS = {
+    "betas": ("adamw", "adam-mini"),
+    "eps": ("adamw", "adam-mini"),
+    "adalomo_eps": ("adalomo",),
+    "clip_threshold": ("adalomo",),
+    "decay_rate": ("adalomo",),
+    "zo_eps": ("mezo",),
+    "zo_directions": ("mezo",),
+    "stochastic_rounding": FUSED_METHODS,
+}
 
 
 class OptimizerConfig(Section):
     name: MethodName = "lomo"
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float | None = Field(None, gt=0.0, description="None = the method's default")
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     clip: ClipConfig = ClipConfig()
     gradient_accumulation: int = Field(1, ge=1)
-    # bf16 weights: round updates stochastically so that small updates are not lost.
+    # bf16 weights of fused methods: round updates stochastically so that small updates
+    # are not lost.
     stochastic_rounding: bool = True
-    # fp16 dynamic loss scaling.
+    # fp16 dynamic loss scaling (fused methods).
     loss_scale: float = Field(2.0**16, gt=0.0)
     loss_scale_window: int = Field(1000, ge=1)
-    # Adam-family and AdaLomo constants.
+    # AdamW and Adam-mini.
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
-    # MeZO: perturbation size and number of directions per step (n-SPSA).
+    # AdaLomo (arXiv 2310.10195; lomo-optim's defaults): (eps1 added to G^2, eps2 the
+    # floor of the parameter RMS that scales lr), the update-RMS clip, and the decay
+    # exponent of the second moment (beta_t = 1 - t^decay_rate).
+    adalomo_eps: tuple[float, float] = (1e-30, 1e-3)
+    clip_threshold: float = Field(1.0, gt=0.0)
+    decay_rate: float = Field(-0.8, lt=0.0)
+    # MeZO: perturbation size (paper: 1e-3) and number of directions per step (n-SPSA).
     zo_eps: float = Field(1e-3, gt=0.0)
     zo_directions: int = Field(1, ge=1)
     # LoRA adapters: required by qlora-sgd, optional for mezo.
     lora: LoraConfig | None = None
+
+    @model_validator(mode="after")
+    def _method_lr(self) -> OptimizerConfig:
+        if self.lr is None:
+            self.lr = METHOD_DEFAULTS[self.name].lr
+        return self
 
 
 class TrainingConfig(Section):
@@ -116,7 +171,7 @@ class TrainingConfig(Section):
     save_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**64, description="any integer from 0 to 2^64 - 1")
     output_dir: str = "runs/default"
     max_bad_steps: int = Field(
         5, ge=1, description="stop after this many non-finite steps in a row"
@@ -184,6 +239,27 @@ def combination_problems(r: Recipe) -> list[str]:
         problems.append(
             "model.precision: qlora-sgd computes in bf16 or fp32 over its 4-bit base; "
             "set model.precision: bf16"
+        )
+    for key, methods in METHOD_ONLY_KEYS.items():
+        # Compared with the default rather than "was it written": a resolved recipe saved
+        # by a run lists every key, and must load again.
+        default = OptimizerConfig.model_fields[key].default
+        if opt.name not in methods and getattr(opt, key) != default:
+            problems.append(
+                f"optimizer.{key}: {opt.name} does not use it (only {', '.join(methods)} "
+                f"do). Remove optimizer.{key} or change optimizer.name"
+            )
+    if opt.name in BASELINE_METHODS and r.model.precision == "fp16":
+        problems.append(
+            f"model.precision: {opt.name} in pure fp16 has no loss scaling and no fp32 master "
+            "weights (AdamW's eps underflows and a zero gradient becomes NaN on step 1). Set "
+            "model.precision: bf16, fp32 or auto"
+        )
+    hw = r.hardware
+    if hw.processes > 1 or hw.nodes > 1 or (isinstance(hw.gpus, int) and hw.gpus > 1):
+        problems.append(
+            "hardware: several processes, GPUs or nodes are not available in this version; "
+            "set hardware.processes: 1, hardware.nodes: 1 and hardware.gpus: 0, 1 or auto"
         )
     if opt.lora is not None and opt.name not in ("qlora-sgd", "mezo"):
         problems.append(

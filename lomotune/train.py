@@ -38,11 +38,18 @@ from lomotune.checkpoint import (
 from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
 from lomotune.data import BatchLoader, PreparedData, prepare_data
 from lomotune.evaluate.exact_match import exact_match
-from lomotune.models import LoadedModel, causal_lm_loss, count_parameters, load_model
+from lomotune.models import (
+    LoadedModel,
+    causal_lm_loss,
+    count_parameters,
+    load_model,
+    loss_note,
+)
 from lomotune.monitor import MemoryMeter, Throughput, format_bytes
 from lomotune.optim import build_engine
 from lomotune.optim.schedule import lr_at
-from lomotune.recipe import LoraConfig, Recipe, RecipeError, recipe_to_yaml
+from lomotune.precision import resolve_precision
+from lomotune.recipe import METHOD_DEFAULTS, LoraConfig, Recipe, RecipeError, recipe_to_yaml
 
 # Exit codes: what a script calling lomotune can tell apart.
 EXIT_BAD_INPUT = 2
@@ -88,7 +95,8 @@ class Run:
     throughput: Throughput = field(default_factory=Throughput)
     resumed_from: Path | None = None
     saved: tuple[int, Path] | None = None  # (step, folder) of the newest checkpoint
-    notes: list[str] = field(default_factory=list)  # warnings from setup, shown at the start
+    notes: list[str] = field(default_factory=list)  # from setup, shown at the start
+    warnings: list[str] = field(default_factory=list)  # likewise, shown as warnings
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +110,11 @@ def train(
 ) -> dict[str, Any]:
     """Run a recipe to the end; returns the summary. Raises TrainError/RecipeError."""
     output_dir = Path(recipe.training.output_dir)
+    device = pick_device(recipe)
+    # `auto` becomes what this hardware computes in natively; the resolved value is what
+    # the saved recipe and a resume compare.
+    precision = resolve_precision(recipe.model.precision, device)
+    recipe.model.precision = precision.precision
     checkpoint = plan_output_dir(
         output_dir,
         recipe,
@@ -110,12 +123,17 @@ def train(
         force=force,
     )
     transformers.logging.disable_progress_bar()  # the dashboard is the progress display
-    run = setup(recipe, output_dir, checkpoint, live=live)
+    run = setup(recipe, output_dir, checkpoint, device, live=live)
+    run.notes.insert(0, precision.reason)
+    if precision.warning:
+        run.warnings.insert(0, precision.warning)
     started = time.perf_counter()
     with GracefulStop() as stop, run.dashboard, run.meter, run.metrics:
         if run.resumed_from:
             run.dashboard.note(f"resumed from {run.resumed_from} (step {run.state.step})")
         for message in run.notes:
+            run.dashboard.note(message)
+        for message in run.warnings:
             run.dashboard.warn(message)
         if recipe.model.trust_remote_code:
             run.dashboard.warn(
@@ -199,21 +217,19 @@ def pick_device(recipe: Recipe) -> torch.device:
                 f"hardware.gpus: {hw.gpus} asked for, {available} present. Set hardware.gpus: {available} (0 = CPU) or auto"
             ]
         )
-    if hw.gpus > 1 or hw.nodes > 1 or hw.processes > 1:
-        raise RecipeError(
-            [
-                "hardware: several GPUs, nodes or processes are not available yet in this version; set hardware.gpus: 1"
-            ]
-        )
     return torch.device("cuda")
 
 
 def setup(
-    recipe: Recipe, output_dir: Path, checkpoint: Path | None, *, live: bool | None = None
+    recipe: Recipe,
+    output_dir: Path,
+    checkpoint: Path | None,
+    device: torch.device,
+    *,
+    live: bool | None = None,
 ) -> Run:
     if recipe.hardware.threads:
         torch.set_num_threads(recipe.hardware.threads)
-    device = pick_device(recipe)
     seed_everything(recipe.training.seed)
     opt = recipe.optimizer
     loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd")
@@ -256,7 +272,8 @@ def setup(
             f"training.output_dir: cannot create {output_dir}: {e.strerror or e}. Set it to a folder you can write",
             EXIT_BAD_INPUT,
         ) from None
-    notes = []
+    notes = [note] if (note := loss_note(model)) else []
+    warnings = method_warnings(recipe)
     if checkpoint is not None:
         state, tensors, payload = load_checkpoint(checkpoint)
         restore_weights(model, checkpoint / "model")
@@ -288,7 +305,34 @@ def setup(
         resumed_from=checkpoint,
         saved=(state.step, checkpoint) if checkpoint is not None else None,
         notes=notes,
+        warnings=warnings,
     )
+
+
+def method_warnings(recipe: Recipe) -> list[str]:
+    """Settings that run, but probably not as the user hopes."""
+    opt = recipe.optimizer
+    defaults = METHOD_DEFAULTS[opt.name]
+    low, high = defaults.usual_lr
+    out = []
+    if not low <= opt.lr <= high:
+        out.append(
+            f"optimizer.lr {opt.lr:g} is outside the usual range for {opt.name} "
+            f"({low:g} to {high:g}; default {defaults.lr:g}, {defaults.source})"
+        )
+    fused = opt.name in ("lomo", "sgd", "qlora-sgd")
+    if (
+        fused
+        and recipe.model.precision == "bf16"
+        and not (opt.stochastic_rounding and opt.name != "sgd")
+        and opt.lr < 1e-4
+    ):
+        out.append(
+            f"optimizer.lr {opt.lr:g} on bf16 weights without stochastic rounding: most "
+            "updates are smaller than bf16's spacing and are lost. Use "
+            "optimizer.stochastic_rounding: true (lomo), a larger lr, or model.precision: fp32"
+        )
+    return out
 
 
 def restore_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -359,7 +403,8 @@ def fit(run: Run, stop: GracefulStop) -> None:
         if result.skipped:
             state.skipped_steps += 1
             state.bad_steps_in_a_row += 1
-            run.dashboard.warn(f"step {state.step}: {result.skipped}; nothing applied")
+            detail = result.detail or "nothing applied"
+            run.dashboard.warn(f"step {state.step}: {result.skipped}; {detail}")
         else:
             state.bad_steps_in_a_row = 0
         log_step(run, result, lr, seconds)
@@ -429,8 +474,8 @@ def log_step(run: Run, result, lr: float, seconds: float) -> None:
         metrics["loss_scale"] = result.loss_scale
     run.results["peak_memory"] = max(run.results.get("peak_memory", 0), metrics["mem_peak"])
     run.metrics.train(step, metrics)
-    if step % run.recipe.training.log_every == 0 or step == run.total_steps:
-        run.dashboard.update_step(step, metrics)
+    show = step % run.recipe.training.log_every == 0 or step == run.total_steps
+    run.dashboard.update_step(step, metrics, show=show)
 
 
 @torch.no_grad()

@@ -83,7 +83,8 @@ CASES = {
     "chat without a chat template": (None, ["data.source={d}/chat.jsonl", "data.format=chat", "model.name={d}/no-chat-template"],
                                      ["data.format: chat needs the tokenizer's chat template", "prompt-completion"]),
     "unknown built-in dataset": (None, ["data.source=builtin:nope"], ["no built-in dataset 'nope'", "builtin:dates, builtin:arithmetic"]),
-    "more GPUs than present": (None, ["hardware.gpus=4"], ["hardware.gpus: 4 asked for, 0 present", "hardware.gpus: 0"]),
+    "more GPUs than present": (None, ["hardware.gpus=1"], ["hardware.gpus: 1 asked for, 0 present", "hardware.gpus: 0"]),
+    "several processes": (None, ["hardware.processes=2"], ["hardware: several processes", "hardware.processes: 1"]),
 }  # fmt: skip
 
 

@@ -26,7 +26,8 @@ bnb = pytest.importorskip("bitsandbytes")
 from peft import PeftModel  # noqa: E402
 
 VOCAB = len(SPECIAL_TOKENS) + len(string.printable)
-LORA = LoraConfig(r=8, alpha=16)
+# No dropout: the tests compare gradients and steps between copies.
+LORA = LoraConfig(r=8, alpha=16, dropout=0.0)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CPU = torch.device("cpu")
 

@@ -23,7 +23,12 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, loss_fn: LossFn):
         if opt.name == "adalomo":
             from lomotune.optim.adalomo import AdaLomoRule
 
-            rule = AdaLomoRule(weight_decay=opt.weight_decay)
+            rule = AdaLomoRule(
+                weight_decay=opt.weight_decay,
+                eps=opt.adalomo_eps,
+                clip_threshold=opt.clip_threshold,
+                decay_rate=opt.decay_rate,
+            )
         else:
             from lomotune.optim.lomo import LomoRule
 

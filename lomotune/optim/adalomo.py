@@ -13,6 +13,8 @@ For a matrix parameter (n, m) with gradient G at step t (Algorithm 1 of the pape
     theta_t = theta_{t-1} (1 - lr_t weight_decay) - lr_t U_t
 
 Other parameters (vectors: norms, biases) keep the full second moment V_t, same shape.
+A parameter of more than two dimensions (MoE experts: (experts, out, in)) is a stack of
+matrices: each is factored, clipped and scaled by its own RMS.
 Only trainable parameters get state: O(n + m) floats per matrix, fp32, on its device.
 Weight decay is decoupled and scaled by lr_t, before the update, as the reference does;
 the paper's Algorithm 1 has none. Loss scaling and gradient-norm clipping are done by the
@@ -46,41 +48,57 @@ class AdaLomoRule:
         self.decay_rate = decay_rate
 
     def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        def zeros(*shape: int) -> torch.Tensor:
+        def zeros(shape: tuple[int, ...]) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.float32, device=param.device)
 
-        if param.dim() == 2:
-            rows, cols = param.shape
-            return {"exp_avg_sq_row": zeros(rows), "exp_avg_sq_col": zeros(cols)}
-        return {"exp_avg_sq": zeros(*param.shape)}
+        if param.dim() >= 2:
+            # Factored over the last two dimensions, one (rows, cols) pair per matrix: a
+            # stack of MoE experts (experts, out, in) is `experts` matrices, as Adafactor
+            # treats it, not one matrix and not a full second moment.
+            *lead, rows, cols = param.shape
+            return {
+                "exp_avg_sq_row": zeros((*lead, rows)),
+                "exp_avg_sq_col": zeros((*lead, cols)),
+            }
+        return {"exp_avg_sq": zeros(tuple(param.shape))}
 
     @torch.no_grad()
-    def apply(self, param, grad, state, lr: float, step: int) -> None:
-        # param: fp32 (n, m) or any other shape, updated in place; grad: fp32, same shape.
+    def apply(self, param, grad, state, lr: float, step: int, ok: torch.Tensor) -> None:
+        # param: fp32 (..., n, m) or a vector, updated in place; grad: fp32, same shape.
         # `step` is 1-based (the engine counts before the update), so beta_1 = 0: the first
-        # step's second moment is exactly G^2 + eps1, as in Adafactor.
+        # step's second moment is exactly G^2 + eps1, as in Adafactor. `ok` False (a bad
+        # gradient in this step): weights and state stay exactly as they were.
         beta = 1.0 - math.pow(step, self.decay_rate)
         update = grad.square().add_(self.eps[0])  # G^2 + eps1; its buffer becomes U_t
         if "exp_avg_sq_row" in state:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]  # (n,), (m,)
-            row.mul_(beta).add_(update.mean(dim=-1), alpha=1.0 - beta)
-            col.mul_(beta).add_(update.mean(dim=-2), alpha=1.0 - beta)
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]  # (..., n), (..., m)
+            new_row = row.mul(beta).add_(update.mean(dim=-1), alpha=1.0 - beta)
+            new_col = col.mul(beta).add_(update.mean(dim=-2), alpha=1.0 - beta)
+            row.copy_(torch.where(ok, new_row, row))  # O(n + m): cheap to gate
+            col.copy_(torch.where(ok, new_col, col))
             # rsqrt(V_t) = rsqrt(R_t / mean(R_t)) rsqrt(C_t), as an outer product.
-            r_factor = (row / row.mean()).rsqrt_().unsqueeze(-1)  # (n, 1)
-            c_factor = col.rsqrt().unsqueeze(-2)  # (1, m)
+            r_factor = (new_row / new_row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c_factor = new_col.rsqrt().unsqueeze(-2)  # (..., 1, m)
             torch.mul(r_factor, c_factor, out=update)
         else:
             v = state["exp_avg_sq"]
-            v.mul_(beta).add_(update, alpha=1.0 - beta)
-            torch.rsqrt(v, out=update)
+            new_v = v.mul(beta).add_(update, alpha=1.0 - beta)
+            v.copy_(torch.where(ok, new_v, v))
+            torch.rsqrt(new_v, out=update)
         update.mul_(grad)
         update.div_((_rms(update) / self.clip_threshold).clamp_(min=1.0))
-        # Tensors, not Python floats: no device sync inside backward.
-        lr_t = _rms(param).clamp_(min=self.eps[1]).mul_(lr)
+        # Tensors, not Python floats: no device sync inside backward. Gated by `ok`.
+        lr_t = _rms(param).clamp_(min=self.eps[1]).mul_(lr).mul_(ok)
         if self.weight_decay:
             param.mul_(1.0 - lr_t * self.weight_decay)
+        update.masked_fill_(~ok, 0.0)  # NaN-safe: a gated step subtracts exactly zero
         param.sub_(update.mul_(lr_t))
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
-    return t.norm(2) / math.sqrt(t.numel())
+    """Root mean square per matrix (over the last two dimensions; a vector whole), shaped
+    to broadcast against `t`."""
+    if t.dim() <= 2:
+        return t.norm(2) / math.sqrt(t.numel())
+    per_matrix = t.shape[-2] * t.shape[-1]
+    return torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True) / math.sqrt(per_matrix)

@@ -32,7 +32,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
         # Adam-mini prints a line per parameter block while it partitions: keep that off
         # the dashboard.
         with contextlib.redirect_stdout(io.StringIO()):
-            return Adam_mini(
+            optimizer = Adam_mini(
                 named,
                 lr=cfg.lr,
                 betas=cfg.betas,
@@ -44,6 +44,15 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
                 or config.num_attention_heads,
                 verbose=False,
             )
+        # Adam-mini takes torch.cuda.device_count() as its world size and then
+        # all-gathers with no process group on any multi-GPU host: one process is one
+        # rank unless a process group exists.
+        optimizer.world_size = (
+            torch.distributed.get_world_size()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 1
+        )
+        return optimizer
     raise ValueError(f"not a baseline optimizer: {cfg.name}")
 
 
@@ -66,6 +75,7 @@ class OptimizerEngine:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.clip = clip
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step_count = 0
 
@@ -88,6 +98,13 @@ class OptimizerEngine:
             self.optimizer.zero_grad(set_to_none=True)
             result.skipped = "non-finite loss"
             return result
+        bad = self._non_finite_gradients()
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            result.skipped = "non-finite gradient"
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            result.detail = f"in {shown}; nothing applied"
+            return result
         if self.clip.mode == "exact":
             result.grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip.max_norm)
@@ -100,6 +117,16 @@ class OptimizerEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return result
+
+    def _non_finite_gradients(self) -> list[str]:
+        """Names of parameters whose gradient holds a NaN or inf (one sync for all)."""
+        with_grad = [
+            (n, p.grad) for n, p in zip(self.names, self.params, strict=True) if p.grad is not None
+        ]
+        if not with_grad:
+            return []
+        flags = torch.stack([g.sum().isfinite().to(with_grad[0][1].device) for _, g in with_grad])
+        return [n for (n, _), ok in zip(with_grad, flags.tolist(), strict=True) if not ok]
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Optimizer state as (tensors keyed 'index/key', JSON-able rest)."""

@@ -16,6 +16,14 @@ What each step does, in order:
    update rule change the parameter (in fp32), writes it back (stochastic rounding for
    bf16) and frees the gradient.
 
+A non-finite gradient never reaches a weight. Each hook checks its gradient on the
+device (no sync) and folds the answer into a running flag; from the first bad tensor on,
+every update of the step is gated to change nothing (weights and optimizer state). After
+backward one sync reads the flags: the step is reported as skipped, naming the tensors.
+What a fused step cannot undo: tensors whose hooks fired *before* the bad one already
+hold their update. Only a norm pass (clip.mode exact, and every fp16 step) sees every
+gradient before anything is applied, and then nothing is.
+
 The update rule (lomo: SGD, adalomo: factored Adafactor-style) is a small object with
 per-parameter state; the engine's `state_dict` carries that state, the loss scale and
 the clipping memory, so that a resume is exact.
@@ -31,6 +39,7 @@ from typing import Protocol
 import torch
 
 from lomotune.optim.rounding import stochastic_round_into
+from lomotune.optim.seeds import mix64
 from lomotune.recipe import ClipConfig
 
 Batch = dict[str, torch.Tensor]
@@ -43,7 +52,10 @@ class StepResult:
     tokens: int  # non-padding input tokens processed
     loss_tokens: int  # tokens that carried a label
     grad_norm: float | None = None  # global norm before clipping, when it was computed
-    skipped: str | None = None  # why the step applied nothing ("non-finite loss", "fp16 overflow")
+    # Why the step was bad ("non-finite loss", "fp16 overflow", "non-finite gradient"),
+    # and what it did or did not apply, naming the tensors.
+    skipped: str | None = None
+    detail: str | None = None
     loss_scale: float | None = None  # fp16 only
 
 
@@ -59,6 +71,7 @@ class UpdateRule(Protocol):
         state: dict[str, torch.Tensor],
         lr: float,
         step: int,  # 1-based number of this update
+        ok: torch.Tensor,  # 0-dim bool on the device: False = change nothing (NaN-safe)
     ) -> None: ...
 
 
@@ -127,7 +140,11 @@ class FusedEngine:
         self._generators: dict[torch.device, torch.Generator] = {}
         # Per-step settings read by the hooks.
         self._mode = "idle"  # "norm" | "update" | "idle"
-        self._sq_parts: list[torch.Tensor] | None = None  # per-parameter squared norms
+        # Per parameter, in the order the hooks fired: (index, squared norm) and
+        # (index, gradient finite). Read once after backward: one sync per step.
+        self._sq_parts: list[tuple[int, torch.Tensor]] | None = None
+        self._finite: list[tuple[int, torch.Tensor]] = []
+        self._ok: torch.Tensor | None = None  # all gradients so far finite (on the device)
         self._lr = 0.0
         self._grad_factor = 1.0  # 1 / loss scale * global clip coefficient
         self._handles = [
@@ -160,7 +177,8 @@ class FusedEngine:
         unscale = 1.0 / scale if scale else 1.0
         clip_coef = 1.0
         if needs_norm_pass:
-            norm = self._backward_for_norm(scaled) * unscale
+            norm, bad = self._backward_for_norm(scaled)
+            norm *= unscale
             result.grad_norm = norm
             if not math.isfinite(norm):
                 if self.loss_scale is not None:
@@ -168,6 +186,7 @@ class FusedEngine:
                 result.skipped = (
                     "fp16 overflow" if self.loss_scale is not None else "non-finite gradient"
                 )
+                result.detail = f"in {self._describe(bad)}; nothing applied (norm pass first)"
                 return result
             if self.clip.mode in ("exact", "previous"):
                 clip_coef = min(1.0, self.clip.max_norm / (norm + 1e-6))
@@ -181,34 +200,69 @@ class FusedEngine:
         self._grad_factor = unscale * clip_coef
         track = self.clip.mode == "previous" and not needs_norm_pass
         self._sq_parts = [] if track else None
+        self._finite, self._ok = [], None
         self._mode = "update"
         try:
             scaled.backward()
         finally:
             self._mode = "idle"
+        norm, finite = self._read_step()  # the step's one sync
+        fired = [index for index, _ in self._finite]
+        bad = [index for index, f in zip(fired, finite, strict=True) if not f]
         if track:
-            # This step's norm, measured on the way, clips the next step.
-            self.previous_norm = self._total_norm() * unscale
-            result.grad_norm = self.previous_norm
+            # This step's norm, measured on the way, clips the next step; after a bad
+            # step the next one measures its own norm first.
+            self.previous_norm = norm * unscale if math.isfinite(norm) and not bad else None
+            result.grad_norm = norm * unscale
+        if bad:
+            applied = fired.index(bad[0])
+            result.skipped = "non-finite gradient"
+            result.detail = (
+                f"in {self._describe(bad)}; the {applied} tensor(s) whose hooks fired before "
+                f"it kept their update, the other {len(fired) - applied} were left unchanged "
+                "(clip.mode: exact checks every gradient before applying any)"
+            )
         if self.loss_scale is not None:
-            self.loss_scale.update(overflow=False)
+            self.loss_scale.update(overflow=bool(bad))
         return result
 
-    def _backward_for_norm(self, loss: torch.Tensor) -> float:
+    def _backward_for_norm(self, loss: torch.Tensor) -> tuple[float, list[int]]:
+        """(global gradient norm, indices of parameters whose squared norm is not finite)."""
         self._sq_parts = []
         self._mode = "norm"
         try:
             loss.backward(retain_graph=True)
         finally:
             self._mode = "idle"
-        return self._total_norm()
+        indices = [index for index, _ in self._sq_parts]
+        parts = self._sq_values()
+        bad = [i for i, v in zip(indices, parts, strict=True) if not math.isfinite(v)]
+        return math.sqrt(sum(parts)), bad
 
-    def _total_norm(self) -> float:
-        # One device sync per step, not one per parameter.
-        parts, self._sq_parts = self._sq_parts, None
+    def _sq_values(self) -> list[float]:
+        parts, self._sq_parts = self._sq_parts or [], None
         if not parts:
-            return 0.0
-        return math.sqrt(float(torch.stack([p.to(parts[0].device) for p in parts]).sum()))
+            return []
+        device = parts[0][1].device
+        return torch.stack([p.to(device) for _, p in parts]).tolist()
+
+    def _read_step(self) -> tuple[float, list[bool]]:
+        """(this step's gradient norm when tracked, else nan; per fired hook: finite?).
+        One device sync for both."""
+        sq = self._sq_parts or []
+        values = [p for _, p in sq] + [f.float() for _, f in self._finite]
+        self._sq_parts = None
+        if not values:
+            return math.nan, []
+        device = values[0].device
+        read = torch.stack([v.to(device) for v in values]).tolist()
+        norm = math.sqrt(sum(read[: len(sq)])) if sq else math.nan
+        return norm, [v == 1.0 for v in read[len(sq) :]]
+
+    def _describe(self, indices: list[int]) -> str:
+        names = [self.names[i] for i in indices]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return shown or "the gradients"
 
     # -- the hook ----------------------------------------------------------------------
 
@@ -217,7 +271,7 @@ class FusedEngine:
             grad = param.grad
             param.grad = None  # freed now, whatever happens below
             if self._mode == "norm":
-                self._sq_parts.append(grad.detach().float().pow(2).sum())
+                self._sq_parts.append((index, grad.detach().float().pow(2).sum()))
             elif self._mode == "update":
                 self._update(index, param, grad)
 
@@ -229,13 +283,23 @@ class FusedEngine:
         # an fp32 gradient is modified in place, not copied (one copy less per tensor).
         g = grad.float()
         if self._sq_parts is not None:
-            self._sq_parts.append(g.pow(2).sum())
+            sq = g.pow(2).sum()
+            self._sq_parts.append((index, sq))
+            finite = sq.isfinite()
+        else:
+            # A sum is non-finite when any element is (a finite sum overflowing fp32
+            # would need gradients near 1e38): one reduction, no full-size temporary.
+            finite = g.sum().isfinite()
+        self._finite.append((index, finite))
+        # From the first bad gradient on, nothing of this step is applied.
+        ok = finite if self._ok is None else self._ok.to(finite.device) & finite
+        self._ok = ok
         if self._grad_factor != 1.0:
             g.mul_(self._grad_factor)
         if self.clip.mode == "per-tensor":
             g.mul_((self.clip.max_norm / (g.norm() + 1e-6)).clamp(max=1.0))
         working = param if param.dtype == torch.float32 else param.float()
-        self.rule.apply(working, g, self.states[index], self._lr, self.step_count)
+        self.rule.apply(working, g, self.states[index], self._lr, self.step_count, ok)
         if working is not param:
             if param.dtype == torch.bfloat16 and self.stochastic_rounding:
                 stochastic_round_into(param, working, self._generator(index, param.device))
@@ -248,7 +312,7 @@ class FusedEngine:
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        gen.manual_seed((self.seed * 1_000_003 + self.step_count) * 100_003 + index)
+        gen.manual_seed(mix64(self.seed, self.step_count, index))
         return gen
 
     # -- state -------------------------------------------------------------------------

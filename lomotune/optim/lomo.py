@@ -15,7 +15,9 @@ class LomoRule:
     def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}  # SGD keeps nothing between steps
 
-    def apply(self, param, grad, state, lr: float, step: int) -> None:
+    def apply(self, param, grad, state, lr: float, step: int, ok: torch.Tensor) -> None:
         if self.weight_decay:
             grad.add_(param, alpha=self.weight_decay)  # coupled, as torch.optim.SGD
+        # A gated update adds exactly zero (masked_fill replaces NaN too; no device sync).
+        grad.masked_fill_(~ok, 0.0)
         param.add_(grad, alpha=-lr)

@@ -44,20 +44,7 @@ import math
 import torch
 
 from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """A 64-bit hash of integers (splitmix64 steps): seeds for torch.Generator that do
-    not collide for nearby (seed, step, direction, parameter) tuples."""
-    h = 0
-    for v in values:
-        h = (h + (v & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h
+from lomotune.optim.seeds import mix64
 
 
 def no_weight_decay(name: str) -> bool:
@@ -188,13 +175,13 @@ class MezoEngine:
     def direction_seed(self, step: int, direction: int) -> int:
         """The seed of one direction of one step (1-based step): a pure function of
         (engine seed, step, direction)."""
-        return _mix(self.seed, step, direction)
+        return mix64(self.seed, step, direction)
 
     def _z(self, param: torch.Tensor, seed: int, index: int) -> torch.Tensor:
         gen = self._generators.get(param.device)
         if gen is None:
             gen = self._generators[param.device] = torch.Generator(device=param.device)
-        gen.manual_seed(_mix(seed, index))
+        gen.manual_seed(mix64(seed, index))
         return torch.randn(param.shape, generator=gen, dtype=param.dtype, device=param.device)
 
     # -- state -------------------------------------------------------------------------

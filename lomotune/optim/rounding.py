@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import torch
 
+# Bit patterns, fp32 magnitude (sign bit cleared).
+_BF16_MAX_BITS = 0x7F7F0000  # the largest finite bf16, 3.3895e38
+_INF_BITS = 0x7F800000  # above this: NaN
+
 
 def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
     """out (bf16) <- x (fp32) rounded up or down with probabilities that make the
-    expectation exactly x. Deterministic for a given generator state."""
+    expectation exactly x. Deterministic for a given generator state.
+
+    Exact and unbiased for every finite value up to bf16's largest (the sign of zero and
+    subnormals included). Non-finite values stay as they are: an inf stays that inf, a
+    NaN stays NaN (adding noise to a NaN's bits could make it an inf or a zero: CUDA's
+    0x7FFFFFFF would carry into the sign bit and become -0.0). A finite value beyond
+    bf16's largest becomes the largest, never an inf."""
     assert x.dtype == torch.float32 and out.dtype == torch.bfloat16, (x.dtype, out.dtype)
     n = x.numel()
     # Random 64-bit words, viewed as int32: half as many generator calls as drawing int32s
@@ -22,11 +32,20 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, generator: torch.G
     words = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device)
     words.random_(-(2**63), None, generator=generator)  # the full 64-bit range
     noise = words.view(torch.int32)[:n].view(x.shape).bitwise_and_(0xFFFF)  # uniform [0, 2^16)
+    bits = x.contiguous().view(torch.int32)
+    magnitude = bits.bitwise_and(0x7FFFFFFF)
+    is_nan = magnitude > _INF_BITS
+    # No noise past bf16's largest: truncation then keeps an inf, and rounds a finite
+    # value there down to the largest instead of up to inf. (Elementwise masks, no sync.)
+    noise.masked_fill_(magnitude > _BF16_MAX_BITS, 0)
+    del magnitude
     # bf16 is the top 16 bits of fp32. Adding the noise to the low bits carries into the
     # kept bits with probability (low bits / 2^16); then truncate. fp32 is sign-magnitude,
     # so this rounds the magnitude: unbiased for negative values too.
-    noise.add_(x.contiguous().view(torch.int32)).bitwise_and_(-65536)
+    noise.add_(bits).bitwise_and_(-65536)
     out.copy_(noise.view(torch.float32))  # exact: the low 16 bits are zero
+    # A NaN whose payload lay in the low 16 bits alone was truncated to inf above.
+    out.masked_fill_(is_nan, float("nan"))
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
