@@ -181,3 +181,25 @@ def test_frozen_parameters_get_no_state_and_do_not_change():
     q_proj = "model.layers.1.self_attn.q_proj.weight"
     assert tensors[f"{q_proj}/exp_avg_sq_row"].shape == (32,)
     assert tensors[f"{q_proj}/exp_avg_sq_col"].dtype == torch.float32
+
+
+def test_a_stack_of_expert_matrices_is_factored_per_matrix():
+    """(experts, out, in): each expert's update equals the 2-D rule applied to it alone
+    (own row/column statistics, own update RMS clip, own parameter RMS)."""
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(3, 5, 4, generator=g)
+    stack[1] *= 100.0  # experts of very different scales: one RMS for all would be wrong
+    grads = [torch.randn(3, 5, 4, generator=g) for _ in range(3)]
+    rule = AdaLomoRule(weight_decay=0.1)
+    state = rule.init_state(stack)
+    assert state["exp_avg_sq_row"].shape == (3, 5) and state["exp_avg_sq_col"].shape == (3, 4)
+    singles = [stack[e].clone() for e in range(3)]
+    single_states = [rule.init_state(s) for s in singles]
+    ok = torch.tensor(True)
+    for step, grad in enumerate(grads, start=1):
+        rule.apply(stack, grad.clone(), state, 0.01, step, ok)
+        for e in range(3):
+            rule.apply(singles[e], grad[e].clone(), single_states[e], 0.01, step, ok)
+    for e in range(3):
+        assert torch.allclose(stack[e], singles[e], rtol=1e-6, atol=0), e
+    assert not torch.allclose(stack, torch.stack([s for s in singles]) * 0)  # it moved

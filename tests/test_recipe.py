@@ -121,3 +121,80 @@ def test_methods_not_combinable(tmp_path):
     assert any("mezo estimates one scalar" in p for p in ps)
     ps = problems(tmp_path, "optimizer: {name: adamw, lora: {r: 8}}\ntraining: {max_steps: 3}\n")
     assert any("optimizer.lora" in p for p in ps)
+
+
+@pytest.mark.parametrize(
+    "method, lr", [("lomo", 1e-2), ("adalomo", 1e-3), ("mezo", 1e-6), ("adamw", 2e-5)]
+)
+def test_each_method_has_its_own_default_lr(tmp_path, method, lr):
+    recipe = load_recipe(
+        write(tmp_path, "training: {max_steps: 1}\n"), [f"optimizer.name={method}"]
+    )
+    assert recipe.optimizer.lr == lr
+    assert load_recipe(None, ["training.max_steps=1", "optimizer.lr=0.5"]).optimizer.lr == 0.5
+
+
+@pytest.mark.parametrize(
+    "method, key, value",
+    [
+        ("adalomo", "betas", "[0.8, 0.9]"),  # AdaLomo has no betas: it used to ignore them
+        ("lomo", "eps", "1e-6"),
+        ("adamw", "clip_threshold", "2.0"),
+        ("lomo", "zo_eps", "1e-2"),
+        ("adamw", "stochastic_rounding", "false"),
+    ],
+)
+def test_a_key_the_method_does_not_read_is_refused(tmp_path, method, key, value):
+    found = problems(
+        tmp_path,
+        "training: {max_steps: 1}\n",
+        [f"optimizer.name={method}", f"optimizer.{key}={value}"],
+    )
+    assert any(p.startswith(f"optimizer.{key}: {method} does not use it") for p in found), found
+
+
+def test_a_saved_resolved_recipe_loads_again(tmp_path):
+    from lomotune.recipe import recipe_to_yaml
+
+    for method in ("lomo", "adalomo", "mezo", "adamw"):
+        recipe = load_recipe(None, ["training.max_steps=1", f"optimizer.name={method}"])
+        again = load_recipe(write(tmp_path, recipe_to_yaml(recipe)))
+        assert again == recipe
+
+
+@pytest.mark.parametrize("method", ["adamw", "sgd", "adam-mini"])
+def test_baselines_refuse_pure_fp16(tmp_path, method):
+    found = problems(
+        tmp_path, "training: {max_steps: 1}\n", [f"optimizer.name={method}", "model.precision=fp16"]
+    )
+    assert any("model.precision: bf16, fp32 or auto" in p for p in found), found
+
+
+def test_seeds_up_to_64_bits(tmp_path):
+    assert load_recipe(None, ["training.max_steps=1", f"training.seed={2**64 - 1}"])
+    found = problems(tmp_path, "training: {max_steps: 1, seed: -1}\n")
+    assert any(p.startswith("training.seed") for p in found)
+
+
+def test_the_readme_recipe_listing_is_the_schema(tmp_path):
+    """Every value the README shows as a default is the schema's default."""
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"A recipe \(the main keys.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    shown = yaml.safe_load(block)
+    defaults = Recipe(training={"max_steps": 1}).model_dump(mode="json")
+    defaults["optimizer"]["lr"] = None  # per method: the README says so
+    defaults["training"]["max_steps"] = None  # required: the README says so
+
+    def compare(shown_part, default_part, path):
+        for key, value in shown_part.items():
+            assert key in default_part, f"{path}{key} is not a recipe key"
+            if isinstance(value, dict):
+                compare(value, default_part[key], f"{path}{key}.")
+            else:
+                assert value == default_part[key], f"{path}{key}: README {value!r}"
+
+    compare(shown, defaults, "")

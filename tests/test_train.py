@@ -42,9 +42,55 @@ def test_cli_trains_tiny_model_end_to_end(tmp_path):
     assert model.config.use_cache is True
     assert (out / "model" / "lomotune_recipe.yaml").exists()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["peak_memory"] > 0 and summary["tokens_per_s"] > 0
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    # The summary agrees with the per-step records, recomputed here.
+    tokens = sum(r["tokens"] for r in records)
+    assert summary["steps"] == 30
+    assert summary["tokens_per_s"] == pytest.approx(tokens / sum(r["step_time"] for r in records))
+    assert summary["peak_memory"] == max(r["mem_peak"] for r in records)
+    assert summary["final_loss"] == pytest.approx(bias_corrected_ema(losses))
     assert (out / "training.png").stat().st_size > 1000
     assert "step 30/30" in result.output and "summary" in result.output
+
+
+def bias_corrected_ema(values, beta=0.9):
+    ema = 0.0
+    for v in values:
+        ema = beta * ema + (1 - beta) * v
+    return ema / (1 - beta ** len(values))
+
+
+def test_final_loss_does_not_depend_on_log_every(tmp_path):
+    every = train(tmp_path / "every", "training.max_steps=12")
+    sparse = train(tmp_path / "sparse", "training.max_steps=12", "training.log_every=5")
+    assert every.exit_code == 0 and sparse.exit_code == 0, sparse.output
+    a = json.loads((tmp_path / "every" / "summary.json").read_text())["final_loss"]
+    b = json.loads((tmp_path / "sparse" / "summary.json").read_text())["final_loss"]
+    assert a == b == pytest.approx(bias_corrected_ema(train_losses(tmp_path / "every")))
+
+
+def test_precision_auto_is_resolved_printed_and_saved(tmp_path, monkeypatch):
+    import lomotune.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: (False, "this CPU (AVX2) has none"))
+    result = train(tmp_path / "run", "training.max_steps=2", "model.precision=auto")
+    assert result.exit_code == 0, result.output
+    assert "precision auto -> fp32: this CPU (AVX2) has none" in result.output
+    saved = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert "precision: fp32" in saved and "precision: auto" not in saved
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert loaded.dtype == torch.float32
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns_with_the_fix(tmp_path, monkeypatch):
+    import lomotune.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: (False, "this CPU (AVX2) has none"))
+    result = train(tmp_path / "run", "training.max_steps=1", "model.precision=bf16")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: model.precision is bf16, but this CPU (AVX2) has none" in text
+    assert "model.precision: auto (or fp32)" in text
 
 
 def test_output_folder_is_never_overwritten_silently(tmp_path):

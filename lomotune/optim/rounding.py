@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-# Bit patterns, fp32 magnitude (sign bit cleared).
-_BF16_MAX_BITS = 0x7F7F0000  # the largest finite bf16, 3.3895e38
-_INF_BITS = 0x7F800000  # above this: NaN
+BF16_MAX = 3.3895313892515355e38  # the largest finite bf16 (bits 0x7F7F)
 
 
 def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
@@ -33,19 +31,18 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, generator: torch.G
     words.random_(-(2**63), None, generator=generator)  # the full 64-bit range
     noise = words.view(torch.int32)[:n].view(x.shape).bitwise_and_(0xFFFF)  # uniform [0, 2^16)
     bits = x.contiguous().view(torch.int32)
-    magnitude = bits.bitwise_and(0x7FFFFFFF)
-    is_nan = magnitude > _INF_BITS
     # No noise past bf16's largest: truncation then keeps an inf, and rounds a finite
-    # value there down to the largest instead of up to inf. (Elementwise masks, no sync.)
-    noise.masked_fill_(magnitude > _BF16_MAX_BITS, 0)
-    del magnitude
+    # value there down to the largest instead of up to inf. Elementwise masks (no sync),
+    # one at a time: one byte an element at most beside the noise.
+    noise.masked_fill_(x > BF16_MAX, 0)
+    noise.masked_fill_(x < -BF16_MAX, 0)
     # bf16 is the top 16 bits of fp32. Adding the noise to the low bits carries into the
     # kept bits with probability (low bits / 2^16); then truncate. fp32 is sign-magnitude,
     # so this rounds the magnitude: unbiased for negative values too.
     noise.add_(bits).bitwise_and_(-65536)
     out.copy_(noise.view(torch.float32))  # exact: the low 16 bits are zero
     # A NaN whose payload lay in the low 16 bits alone was truncated to inf above.
-    out.masked_fill_(is_nan, float("nan"))
+    out.masked_fill_(x.isnan(), float("nan"))
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

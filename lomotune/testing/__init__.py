@@ -81,3 +81,70 @@ def random_batches(
         labels[0, -3:] = -100
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
+
+
+# Every family the loss is checked on: the smallest config of each that still exercises
+# what makes the family different (GQA, softcapping, logit scaling, biases, MoE routing).
+_COMMON = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2}
+_DECODER = {
+    **_COMMON,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+TINY_FAMILIES: dict[str, tuple[str, dict]] = {
+    # family: (transformers config class, its arguments)
+    "llama": ("LlamaConfig", _DECODER),
+    "mistral": ("MistralConfig", {**_DECODER, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", _DECODER),
+    "qwen3": ("Qwen3Config", {**_DECODER, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", {**_DECODER, "head_dim": 8, "final_logit_softcapping": 0.5}),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        {**_DECODER, "head_dim": 8, "final_logit_softcapping": 0.7, "sliding_window": 16},
+    ),
+    "granite": ("GraniteConfig", {**_DECODER, "logits_scaling": 4.0}),
+    "phi3": (
+        "Phi3Config",
+        {**_DECODER, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    ),
+    "opt": (
+        "OPTConfig",
+        {
+            **_COMMON,
+            "ffn_dim": 64,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+            "word_embed_proj_dim": 32,
+            "dropout": 0.0,
+        },
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {**_COMMON, "intermediate_size": 64, "num_attention_heads": 4, "rotary_pct": 0.5},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {
+            **_DECODER,
+            "head_dim": 8,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "decoder_sparse_step": 1,
+        },
+    ),
+}
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
+    """A randomly initialised causal LM of `family` (a key of TINY_FAMILIES)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    class_name, kwargs = TINY_FAMILIES[family]
+    config = getattr(transformers, class_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype)

@@ -1,0 +1,86 @@
+"""Stochastic rounding fp32 -> bf16 at its edges: every finite value rounds to one of its
+two bf16 neighbours with the probabilities that make it unbiased; NaN, inf, the sign of
+zero and subnormals come through; nothing finite becomes inf. The reference here works
+on the bit patterns with Python integers, independently of the tensor code."""
+
+import struct
+
+import pytest
+import torch
+
+from lomotune.optim.rounding import stochastic_round_to_bf16
+
+BF16_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7F0000))[0]
+
+
+def bits_to_f32(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def f32_tensor(bit_patterns) -> torch.Tensor:
+    return torch.tensor(bit_patterns, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def draws(x: torch.Tensor, n: int = 4000) -> torch.Tensor:
+    """n roundings of each element of x -> (n, len(x)) fp32 values."""
+    gen = torch.Generator().manual_seed(0)
+    big = x.repeat(n)
+    return stochastic_round_to_bf16(big, gen).float().view(n, -1)
+
+
+@pytest.mark.parametrize(
+    "pattern", [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FC00000, 0xFFC00001, 0x7F80FFFF]
+)
+def test_nan_stays_nan_whatever_its_payload(pattern):
+    # CUDA's canonical NaN 0x7FFFFFFF used to become -0.0, 0x7F800001 inf.
+    out = draws(f32_tensor([pattern]), 500)
+    assert bool(out.isnan().all())
+
+
+def test_infinities_and_signed_zeros_come_through_exactly():
+    x = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0])
+    out = draws(x, 500)
+    assert bool((out[:, 0] == float("inf")).all()) and bool((out[:, 1] == float("-inf")).all())
+    assert bool((out[:, 2:] == 0).all())
+    signs = torch.signbit(out[:, 2:])
+    assert not bool(signs[:, 0].any()) and bool(signs[:, 1].all())
+
+
+def test_finite_values_beyond_bf16_max_saturate_never_inf():
+    x = torch.tensor([3.3961e38, -3.4e38, BF16_MAX, torch.finfo(torch.float32).max])
+    out = draws(x, 500)
+    assert bool(out.isfinite().all())
+    assert bool((out.abs() == BF16_MAX).all())
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        0x3F80_1234,  # 1.0 + a little
+        0xBF80_C000,  # negative: the magnitude is rounded
+        0x0000_8001,  # a subnormal, between 0 and the smallest bf16 subnormal's neighbour
+        0x8012_7FFF,  # a negative subnormal
+        0x7F7E_F000,  # just below bf16's largest
+        0x3A83_126F,  # 1e-3: an everyday update size
+    ],
+)
+def test_each_finite_value_rounds_to_a_neighbour_without_bias(pattern):
+    low = pattern & 0xFFFF
+    down = bits_to_f32(pattern & 0xFFFF0000)
+    up = bits_to_f32((pattern & 0xFFFF0000) + 0x10000)  # next bf16 away from zero
+    p_up = low / 65536
+    n = 20000
+    out = draws(f32_tensor([pattern]), n)[:, 0]
+    is_up = out == up
+    assert bool(((out == down) | is_up).all())  # only the two neighbours
+    frequency = float(is_up.float().mean())
+    sd = (p_up * (1 - p_up) / n) ** 0.5
+    assert abs(frequency - p_up) < 5 * sd + 1e-9, (frequency, p_up)
+    # The mean of the draws is the fp32 value (within the sampling error).
+    x = bits_to_f32(pattern)
+    assert abs(float(out.double().mean()) - x) < 5 * sd * abs(up - down) + 1e-45
+
+
+def test_representable_values_are_returned_exactly():
+    x = torch.randn(1000).bfloat16().float()
+    assert torch.equal(draws(x, 3), x.repeat(3, 1))
