@@ -19,6 +19,7 @@ between the fake tensors and the tracker, so that the engines run unchanged:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -63,6 +64,22 @@ class _NoValues(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def step_tracker():
+    """A MemTracker that accepts a module called several times in one forward (the loss
+    calls the output head once per chunk; MeZO and AdamW's second step run the model
+    again). Only the global peak is read, so the per-module statistics of an earlier
+    call are simply dropped."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class StepTracker(MemTracker):
+        def _pre_fw_hook(self, module, inputs):
+            if not self._mod_tracker.is_bw:
+                self.memory_tracking.pop(module, None)
+            super()._pre_fw_hook(module, inputs)
+
+    return StepTracker()
+
+
 def build_fake_model(config, dtype: torch.dtype):
     """The causal LM of `config` with fake parameters in `dtype` (built in that dtype from
     the start: `.to()` cannot change a fake parameter's dtype in place)."""
@@ -92,7 +109,6 @@ def simulate_step(
     """Peak memory of one training step (the second for optimizers whose state appears
     at the first step) of `method` on the model of `config`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from lomotune.models import DTYPES, causal_lm_loss
     from lomotune.recipe import ModelConfig
@@ -117,15 +133,9 @@ def simulate_step(
         model.train()
         ids = torch.randint(0, config.vocab_size, (batch_size, seq_len))
         batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
-        tracker = MemTracker()
+        tracker = step_tracker()
         tracker.track_external(model, ids)
-
-        def loss_fn(b):
-            # MemTracker refuses a module entered twice (MeZO's two forwards, AdamW's
-            # second step) unless its per-module statistics are reset; the global peak
-            # is kept.
-            tracker.reset_mod_stats()
-            return causal_lm_loss(model, b, chunk_tokens=loss_chunk_tokens)
+        loss_fn = partial(causal_lm_loss, model, chunk_tokens=loss_chunk_tokens)
 
         engine = _build_engine(method, model, loss_fn, precision)
         with tracker:
