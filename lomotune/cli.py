@@ -177,9 +177,97 @@ def export(
 
 
 @app.command()
-def estimate() -> None:
-    """Predict peak GPU memory of a recipe (not available yet)."""
-    fail("`lomotune estimate` is not available yet in this version", 2)
+def estimate(
+    recipe: Annotated[str | None, typer.Argument(help="recipe YAML (or shipped name)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value")] = None,
+    model: Annotated[str | None, typer.Option(help="alias, folder, hub id or known shape")] = None,
+    method: Annotated[str | None, typer.Option(help="lomo | adalomo | mezo | ...")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="per GPU")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per sequence")] = None,
+    precision: Annotated[str | None, typer.Option(help="bf16 | fp16 | fp32")] = None,
+    gpus: Annotated[int | None, typer.Option(help="FSDP over N GPUs (per-rank peak)")] = None,
+    checkpointing: Annotated[bool | None, typer.Option(help="activation checkpointing")] = None,
+    compare: Annotated[bool, typer.Option(help="every method side by side")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout")] = False,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="stacked bar PNG")] = None,
+    simulate: Annotated[bool, typer.Option(help="one real step under fake tensors")] = False,
+    max_batch: Annotated[bool, typer.Option(help="largest batch that fits --gpu-mem")] = False,
+    gpu_mem: Annotated[float, typer.Option(help="GiB of the GPU for --max-batch")] = 24.0,
+) -> None:
+    """Predict the peak GPU memory of a training step, before anything runs."""
+    import dataclasses
+    import json
+
+    from lomotune import estimate as est
+    from lomotune.recipe import RecipeError, load_recipe
+
+    notes: list[str] = []
+    try:
+        if recipe is not None:
+            parsed = load_recipe(find_recipe(recipe), overrides or [])
+            name, setup, notes = est.setup_from_recipe(parsed)
+        else:
+            name = model or "smollm2-135m"
+            setup = est.Setup(method="lomo", batch_size=8, seq_len=512)
+        given = {
+            "method": method,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "precision": precision,
+            "gpus": gpus,
+            "checkpointing": checkpointing,
+        }
+        setup = dataclasses.replace(setup, **{k: v for k, v in given.items() if v is not None})
+        name = model or name
+        config = est.resolve_config(name)
+        methods = list(est.METHODS) if compare else [setup.method]
+        if simulate:
+            methods = [m for m in methods if m != "qlora-sgd"] if compare else methods
+        results = []
+        for m in methods:
+            one = dataclasses.replace(setup, method=m)
+            if simulate:
+                results.append(est.simulated_estimate(config, one))
+            else:
+                results.append(est.estimate(est.shape_of(config), one))
+        if max_batch:
+            fitting = {
+                m: est.max_batch(config, dataclasses.replace(setup, method=m), gpu_mem)
+                for m in methods
+            }
+    except RecipeError as e:
+        fail(str(e), 2)
+    except est.EstimateError as e:
+        fail(str(e), 2)
+    from lomotune.estimate import report
+
+    title = (
+        f"{name}: batch {setup.batch_size} x {setup.seq_len}, {setup.precision}, "
+        f"checkpointing {'on' if setup.checkpointing else 'off'}, {setup.gpus} GPU(s)"
+        + (", simulated" if simulate else "")
+    )
+    if json_out:
+        out = report.as_json(results)
+        if max_batch:
+            for m, b in fitting.items():
+                out[m]["max_batch"] = b
+        print(json.dumps(out, indent=1))
+    else:
+        console = Console()
+        for note in notes:
+            console.print(f"note: {note}", highlight=False)
+        console.print(report.table(results, title))
+        if max_batch:
+            for m, b in fitting.items():
+                console.print(
+                    f"{m}: largest batch of {setup.seq_len} tokens in {gpu_mem:g} GiB: {b}"
+                )
+        if simulate:
+            console.print(
+                "simulated: MemTracker's categories; temporaries of backward are one part"
+            )
+    if plot_path is not None:
+        report.plot(results, plot_path, title)
 
 
 @app.command(name="eval")

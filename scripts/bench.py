@@ -52,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 METHODS = [
@@ -431,7 +430,7 @@ def tables(results: list[dict]) -> str:
 # GPU memory without a GPU: FakeTensorMode + MemTracker
 
 
-FAKE_METHODS = ["no_grad", "lomo", "lomo-nosr", "adalomo", "mezo", "sgd", "adamw"]
+FAKE_METHODS = ["lomo", "adalomo", "mezo", "sgd", "adamw", "adam-mini"]
 
 
 def fake_1b(
@@ -439,31 +438,14 @@ def fake_1b(
 ) -> list[dict]:
     """One training step of each method on a ~1.1B Llama, counted, not run.
 
-    The model is built under FakeTensorMode (tensors have shapes, dtypes and devices but
-    no data); MemTracker (a TorchDispatchMode) sees every op's outputs, follows each
-    storage with a weak reference and keeps the running total and its peak. Nothing
-    data-dependent can run under FakeTensorMode, which rules out two things from the
-    real path, replaced here by equivalents with the same tensors:
-    - `causal_lm_loss` selects the label positions with a boolean mask (`h[keep]`: an
-      output shape that depends on data). With labels on every token the selection is
-      every position, so the fake loss slices instead, and computes the same chunked,
-      checkpointed fp32 cross-entropy (`chunk` tokens a chunk: --loss-chunk);
-    - `FusedEngine.step` and `OptimizerEngine.step` read the loss with `float(loss)`
-      (a value that fake tensors do not have). The fused step is driven through the
-      engine's own hooks (`_mode = "update"` and `loss.backward()`, exactly the update
-      pass of `FusedEngine.step` with clip.mode none); adamw/sgd call
-      `loss.backward(); optimizer.step(); zero_grad(set_to_none=True)` as
-      `OptimizerEngine.step` does; mezo calls the engine's `_perturb` / `_loss` /
-      `_update` in the order of `MezoEngine.step`, with a constant projected gradient.
-    The device of the fake tensors is CPU: byte counts are exact element counts x sizes,
-    without the CUDA allocator's 512-byte rounding or fragmentation, and without the
-    CUDA context and cuBLAS workspaces (~0.5-1 GiB on a real GPU).
+    `lomotune.estimate.simulate.simulate_step`: lomotune's own engines
+    (`FusedEngine.step`, `MezoEngine.step`, `OptimizerEngine.step`) and loss
+    (`causal_lm_loss`) run unchanged on a model built under FakeTensorMode, counted by
+    MemTracker; see that module for how values that fake tensors lack are answered.
+    Byte counts are exact element counts x sizes, without the CUDA allocator's rounding,
+    the CUDA context and cuBLAS workspaces (~0.5-1 GiB on a real GPU).
     """
-    import torch
-    from torch.utils.checkpoint import checkpoint
     from transformers import LlamaConfig
-
-    from lomotune.models import _chunk_loss, split_head
 
     config = LlamaConfig(
         vocab_size=32000,
@@ -486,31 +468,25 @@ def fake_1b(
         config = AutoConfig.from_pretrained(resolve_model(like))
         config.use_cache = False
 
-    def fake_loss(model, b):
-        body, head = split_head(model)
-        hidden = body(
-            input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
-        ).last_hidden_state
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # every position has a label
-        y = b["labels"][:, 1:].reshape(-1)
-        n = y.numel()
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, n, chunk):
-            end = min(start + chunk, n)
-            total = total + checkpoint(
-                _chunk_loss, h[start:end], head.weight, head.bias, y[start:end], use_reentrant=False
-            )
-        return total, n
-
-    return _fake_runs(methods, batch, seq, config, fake_loss)
+    return _fake_runs(methods, batch, seq, config, chunk)
 
 
-def _fake_runs(methods, batch, seq, config, fake_loss) -> list[dict]:
+def _fake_runs(methods, batch, seq, config, chunk) -> list[dict]:
+    from lomotune.estimate.simulate import simulate_step
+
     results = []
     for method in methods:
         started = time.perf_counter()
         try:
-            row = _fake_one(method, batch, seq, config, fake_loss)
+            sim = simulate_step(
+                config, method, batch_size=batch, seq_len=seq, loss_chunk_tokens=chunk
+            )
+            row = {
+                "method": method,
+                "params": _param_count(config),
+                "peak": sim.peak_bytes,
+                "breakdown_at_peak": sim.parts,
+            }
         except Exception as e:  # report, go on with the next method
             import traceback
 
@@ -525,109 +501,10 @@ def _fake_runs(methods, batch, seq, config, fake_loss) -> list[dict]:
     return results
 
 
-def _fake_one(method, batch, seq, config, fake_loss) -> dict:
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from transformers import LlamaForCausalLM
+def _param_count(config) -> int:
+    from lomotune.estimate import shape_of
 
-    from lomotune.recipe import ClipConfig, OptimizerConfig
-
-    with FakeTensorMode(allow_non_fake_inputs=False):
-        torch.manual_seed(0)
-        # built in bf16 from the start (`.to()` cannot swap fake parameters)
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            model = LlamaForCausalLM(config)
-        finally:
-            torch.set_default_dtype(default_dtype)
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        ids = torch.randint(0, config.vocab_size, (batch, seq))
-        b = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
-        n_params = sum(p.numel() for p in model.parameters())
-        tracker = MemTracker()
-        tracker.track_external(model, ids)
-        engine = opt = None
-        if method in ("lomo", "lomo-nosr", "adalomo"):
-            from lomotune.optim.engine import FusedEngine
-
-            if method == "adalomo":
-                from lomotune.optim.adalomo import AdaLomoRule
-
-                rule = AdaLomoRule()
-            else:
-                from lomotune.optim.lomo import LomoRule
-
-                rule = LomoRule()
-            engine = FusedEngine(
-                model,
-                rule,
-                partial(fake_loss, model),
-                clip=ClipConfig(),
-                stochastic_rounding=method != "lomo-nosr",
-            )
-            tracker.track_external(*[t for st in engine.states for t in st.values()])
-        elif method == "mezo":
-            from lomotune.optim.mezo import MezoEngine
-
-            engine = MezoEngine(model, partial(fake_loss, model))
-        elif method in ("adamw", "sgd"):
-            from lomotune.optim.baseline import build_optimizer
-
-            opt = build_optimizer(model, OptimizerConfig(name=method, lr=1e-5))
-
-        def forward():
-            # MemTracker refuses a module called twice unless its per-module stats are
-            # reset; the global peak is kept.
-            tracker.reset_mod_stats()
-            return fake_loss(model, b)
-
-        with tracker:
-            if method == "no_grad":
-                with torch.no_grad():
-                    forward()
-            elif engine is not None and method != "mezo":
-                # FusedEngine.step's update pass (clip.mode none), without float(loss)
-                s, n = forward()
-                engine.step_count += 1
-                engine._lr, engine._grad_factor = 1e-5, 1.0
-                engine._mode = "update"
-                try:
-                    (s / n).backward()
-                finally:
-                    engine._mode = "idle"
-            elif method == "mezo":
-                # MezoEngine.step without float(loss): perturb, l+, perturb, l-, restore, update
-                with torch.no_grad():
-                    seed = engine.direction_seed(1, 0)
-                    engine._perturb(seed, engine.eps)
-                    forward()
-                    engine._perturb(seed, -2 * engine.eps)
-                    forward()
-                    engine._perturb(seed, engine.eps)
-                    engine._update([seed], [0.1], 1e-6)
-            else:
-                # OptimizerEngine.step, twice: the first step allocates the optimizer
-                # state, the second runs with it
-                for _ in range(2):
-                    s, n = forward()
-                    (s / n).backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-        dev_snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
-        return {
-            "method": method,
-            "params": n_params,
-            "peak": dev_snap["Total"],
-            "breakdown_at_peak": {
-                str(k.value if hasattr(k, "value") else k): v
-                for k, v in dev_snap.items()
-                if k != "Total"
-            },
-        }
+    return shape_of(config).params()
 
 
 def fake_table(rows: list[dict]) -> str:

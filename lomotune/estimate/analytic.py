@@ -1,0 +1,369 @@
+"""Peak memory of one training step, from formulas: instant for any model size.
+
+A step is a sequence of phases; the peak is the largest of them, and its parts are the
+parts of that phase. Every tensor counted here was found by reading what PyTorch's
+autograd saves for HF transformers' layers and lomotune's engines, and checked against
+`simulate` (one real step under FakeTensorMode + MemTracker) in tests/test_estimate.py.
+
+Notation (bytes unless said): T = batch x seq tokens, N = batch x (seq - 1) label tokens
+(every token carries a label: the worst case), C = tokens of one loss chunk, a = bytes of
+an element in the model's precision, H hidden, I intermediate, V vocab, L layers.
+
+Phases of a gradient method (lomo, adalomo, sgd, adamw, adam-mini, qlora-sgd):
+- loss: every kept activation, plus the backward of one chunk of the chunked loss
+  (12 bytes x V per token: fp32 log-softmax output, its gradient, the gradient of the
+  logits) and the lm_head gradient it accumulates into;
+- top layer: the layer recomputed (checkpointing) with all it saves, the incoming
+  hidden-state gradient, and the gradients held at that moment: for fused methods one
+  tensor being updated (with its fp32 copies), for the others every gradient so far;
+- bottom layer / end of backward (baselines): all gradients;
+- optimizer step (baselines): all gradients, the state and the step's temporaries;
+- fused methods also peak in the hook of their largest tensor (embedding / lm_head).
+MeZO has no backward: one layer's inference forward, or a loss chunk's forward, or the
+largest parameter's regenerated perturbation z.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GiB = 1024**3
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+METHODS = ("lomo", "adalomo", "mezo", "qlora-sgd", "adamw", "sgd", "adam-mini")
+FUSED = ("lomo", "adalomo", "qlora-sgd")
+# CUDA context, cuBLAS workspaces and allocator slack: not tensors, not simulated; the
+# usual size of a fresh PyTorch CUDA context on an H100/A100 plus the caching allocator's
+# rounding of a training step (several hundred MiB each): shown apart, never hidden.
+CUDA_OVERHEAD = int(0.75 * GiB)
+# 4-bit NF4 with double quantization (QLoRA): 4 bits per weight, one fp8 absmax per block
+# of 64 and one fp32 constant per 256 blocks: 4 + 8/64 + 32/(64*256) bits.
+NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+
+
+class EstimateError(Exception):
+    """A configuration the formulas do not cover, or impossible sizes; says which."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the formulas need of a model, read from its transformers config."""
+
+    family: str  # "llama" (RMSNorm, SwiGLU, rotary, GQA) | "opt" | "gpt-neox"
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied: bool
+    max_positions: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def layer_matrices(self) -> list[int]:
+        """Element counts of one layer's weight matrices (q, k, v, o, then the MLP)."""
+        kv = self.kv_heads * self.head_dim
+        attn = [self.hidden * self.hidden, self.hidden * kv, self.hidden * kv]
+        attn.append(self.hidden * self.hidden)
+        mlp_count = 3 if self.family == "llama" else 2
+        return attn + [self.hidden * self.intermediate] * mlp_count
+
+    def layer_params(self) -> int:
+        small = 2 * self.hidden  # two norms (weights; LayerNorm also biases, below)
+        if self.family != "llama":
+            kv = self.kv_heads * self.head_dim
+            # LayerNorm biases, attention and MLP biases
+            small += 2 * self.hidden + 2 * self.hidden + 2 * kv + self.intermediate + self.hidden
+        return sum(self.layer_matrices()) + small
+
+    def embedding_params(self) -> int:
+        extra = self.max_positions * self.hidden if self.family == "opt" else 0
+        return self.vocab * self.hidden + extra
+
+    def params(self) -> int:
+        head = 0 if self.tied else self.vocab * self.hidden
+        final_norm = self.hidden if self.family == "llama" else 2 * self.hidden
+        return self.embedding_params() + self.layers * self.layer_params() + final_norm + head
+
+
+@dataclass(frozen=True)
+class Setup:
+    method: str
+    batch_size: int
+    seq_len: int
+    precision: str = "bf16"
+    checkpointing: bool = True
+    gpus: int = 1  # FSDP over N GPUs: weights, gradients and state sharded, per-rank peak
+    attention: str = "sdpa"  # "sdpa" (flash / memory-efficient: no s^2 scores) | "eager"
+    loss_chunk_tokens: int = 256
+    device: str = "cuda"  # "cpu": torch's foreach AdamW keeps a parameter-sized temporary
+    mixed_precision: bool = False  # fp32 master weights + fp32 Adam states (LOMO paper)
+    lora_rank: int = 64
+
+
+@dataclass
+class Estimate:
+    method: str
+    phase: str  # which moment of the step is the peak
+    parts: dict[str, int] = field(default_factory=dict)  # bytes at the peak, per rank
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Every tensor alive at the peak: what max_memory_allocated would report."""
+        return sum(v for k, v in self.parts.items() if k != "cuda_overhead")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+
+def check_sizes(shape: Shape, setup: Setup) -> None:
+    if setup.method not in METHODS:
+        raise EstimateError(f"no method {setup.method!r}; known: {', '.join(METHODS)}")
+    if setup.batch_size < 1:
+        raise EstimateError(f"batch size must be at least 1; got {setup.batch_size}")
+    if setup.seq_len < 2:
+        raise EstimateError(f"sequence length must be at least 2 tokens; got {setup.seq_len}")
+    if setup.seq_len > shape.max_positions:
+        raise EstimateError(
+            f"sequence length {setup.seq_len} is longer than the model's context "
+            f"({shape.max_positions} positions); lower --seq-len / data.max_length"
+        )
+    if setup.gpus < 1:
+        raise EstimateError(f"--gpus must be at least 1 for a GPU estimate; got {setup.gpus}")
+    if setup.precision not in BYTES:
+        raise EstimateError(f"precision must be bf16, fp16 or fp32; got {setup.precision!r}")
+    if setup.mixed_precision and setup.method not in ("adamw", "sgd"):
+        raise EstimateError("fp32 master weights are counted for the adamw and sgd baselines only")
+
+
+def estimate(shape: Shape, setup: Setup) -> Estimate:
+    check_sizes(shape, setup)
+    a = BYTES[setup.precision]
+    b, s = setup.batch_size, setup.seq_len
+    t, n = b * s, b * (s - 1)
+    c = min(setup.loss_chunk_tokens, n)
+    h, v = shape.hidden, shape.vocab
+    method = setup.method
+    shard = setup.gpus  # FSDP: persistent per-parameter bytes divide over the ranks
+
+    weights = _weights(shape, setup, a)
+    state = _optimizer_state(shape, setup, a)
+    # FSDP all-gathers one layer (and prefetches the next) in full on every rank.
+    gathered = 2 * shape.layer_params() * a if shard > 1 else 0
+    weights_part = {"weights": weights // shard + gathered}
+    if method == "qlora-sgd":
+        weights_part = {"weights": weights // shard + gathered, **_qlora_adapters(shape, setup)}
+        weights_part["weights"] = weights_part.pop("weights")
+    base = {**weights_part, "optimizer_state": state // shard}
+
+    inputs = 3 * t * 8 + b * s * s  # ids, mask, labels (int64) and the model's bool mask
+    inputs += 2 * s * shape.head_dim * a  # rotary cos / sin
+    final_norm = _norm_saved(shape, a) * t
+    head_in = n * h * a  # hidden states at the label positions, input of the chunked loss
+    layer_saved = _layer_saved(shape, setup, a)
+    layer_in = t * h * a
+    if setup.checkpointing:
+        kept = shape.layers * layer_in
+        recompute = layer_saved - (t * h * 4 if a == 4 else 0)  # fp32: input saved once
+    else:
+        kept = shape.layers * layer_saved
+        recompute = 0
+    kept_parts = {"activations_kept": kept + final_norm + head_in + inputs}
+
+    if method == "mezo":
+        return _mezo(shape, setup, a, base, inputs, t, n, c)
+
+    head_grad = v * h * a
+    upd = _update_bytes_per_element(setup, a)
+    largest_layer = max(shape.layer_matrices())
+    grads_all = shape.params() * a if method not in FUSED else 0
+    if method == "qlora-sgd":
+        grads_all = 0
+    phases: dict[str, dict[str, int]] = {}
+    phases["loss backward"] = {
+        **base,
+        **kept_parts,
+        "logits_loss": 12 * c * v + c * h * a,
+        "gradients": head_grad // (1 if method in FUSED else shard),
+    }
+    if method in FUSED and method != "qlora-sgd":
+        if shape.tied:
+            # the tied weight's hook fires last, after the embedding's backward: every
+            # activation is gone by then
+            phases["update of the largest tensor"] = {
+                **base,
+                "activations_kept": inputs,
+                "gradients": v * h * (a + upd),
+            }
+        else:
+            phases["update of the largest tensor"] = {
+                **base,
+                **kept_parts,
+                "logits_loss": n * h * a,  # gradient of the loss input, alive until the body
+                "gradients": v * h * (a + upd),
+            }
+    top_grads = {
+        "lomo": largest_layer * (a + upd),
+        "adalomo": largest_layer * (a + upd),
+        "qlora-sgd": 0,
+    }.get(method, (head_grad + shape.layer_params() * a) // shard)
+    if shape.tied and method in FUSED and method != "qlora-sgd":
+        top_grads += head_grad  # the tied embedding's gradient waits for the embedding
+    phases["top layer recompute + backward"] = {
+        **base,
+        "activations_kept": kept + inputs,
+        "layer_transient": recompute + layer_in + _backward_extra(shape, setup, a),
+        "gradients": top_grads,
+    }
+    if method not in FUSED:
+        phases["bottom layer backward"] = {
+            **base,
+            "activations_kept": layer_in + inputs + (0 if setup.checkpointing else layer_saved),
+            "layer_transient": recompute + layer_in + _backward_extra(shape, setup, a),
+            "gradients": (grads_all - shape.embedding_params() * a) // shard,
+        }
+        # a tied weight's second gradient (from the embedding) and their sum
+        phases["embedding backward"] = {
+            **base,
+            "gradients": (grads_all + (2 * head_grad if shape.tied else 0)) // shard,
+        }
+        phases["optimizer step"] = {
+            **base,
+            "gradients": grads_all // shard,
+            "optimizer_step_temporary": _step_temporary(shape, setup, a) // shard,
+        }
+    phase, parts = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    parts = {k: int(v) for k, v in parts.items() if v}
+    parts["cuda_overhead"] = CUDA_OVERHEAD
+    return Estimate(method=method, phase=phase, parts=parts)
+
+
+def _weights(shape: Shape, setup: Setup, a: int) -> int:
+    if setup.method == "qlora-sgd":
+        linear = shape.layers * sum(shape.layer_matrices())
+        rest = shape.params() - linear
+        return int(linear * NF4_BYTES_PER_WEIGHT) + rest * a
+    if setup.mixed_precision:
+        return shape.params() * (a + 4)  # model copy + fp32 master weights
+    return shape.params() * a
+
+
+def _qlora_adapters(shape: Shape, setup: Setup) -> dict[str, int]:
+    r = setup.lora_rank
+    kv = shape.kv_heads * shape.head_dim
+    h, i = shape.hidden, shape.intermediate
+    pairs = [(h, h), (h, kv), (h, kv), (h, h)] + [(h, i), (h, i), (i, h)][
+        : 3 if shape.family == "llama" else 2
+    ]
+    per_layer = sum(r * (fan_in + fan_out) for fan_in, fan_out in pairs)
+    return {"lora_adapters": shape.layers * per_layer * 4}  # fp32 adapters
+
+
+def _optimizer_state(shape: Shape, setup: Setup, a: int) -> int:
+    p = shape.params()
+    if setup.method == "adamw":
+        return p * (8 if setup.mixed_precision else 2 * a)
+    if setup.method == "adam-mini":
+        # m for every weight; a full v for the embedding and output layers (Adam-mini
+        # keeps Adam there), one v per head / output neuron elsewhere (negligible).
+        full_v = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+        return p * a + full_v * a
+    if setup.method == "adalomo":
+        # fp32 row and column means per matrix; a full fp32 v for vectors
+        per_layer = sum(_rows_cols(shape, m) for m in range(len(shape.layer_matrices())))
+        vectors = shape.layer_params() - sum(shape.layer_matrices())
+        emb = shape.vocab + shape.hidden
+        return 4 * (
+            shape.layers * (per_layer + vectors) + emb * (1 if shape.tied else 2) + shape.hidden
+        )
+    return 0
+
+
+def _rows_cols(shape: Shape, index: int) -> int:
+    h, i = shape.hidden, shape.intermediate
+    kv = shape.kv_heads * shape.head_dim
+    rows_cols = [h + h, kv + h, kv + h, h + h] + [i + h] * (3 if shape.family == "llama" else 2)
+    return rows_cols[index]
+
+
+def _update_bytes_per_element(setup: Setup, a: int) -> int:
+    """Extra bytes per element while the fused hook updates one tensor: the fp32
+    gradient and fp32 working copy (when the weights are not fp32), the stochastic
+    rounding noise (bf16), AdaLomo's update buffer."""
+    extra = 0 if a == 4 else 8
+    # The noise words (bf16) are drawn after AdaLomo's buffer is freed: the larger counts.
+    noise = 4 if setup.precision == "bf16" else 0
+    adalomo_buffer = 4 if setup.method == "adalomo" else 0
+    return extra + max(noise, adalomo_buffer)
+
+
+def _norm_saved(shape: Shape, a: int) -> int:
+    """Bytes per token a norm saves for backward."""
+    h = shape.hidden
+    if shape.family == "llama":
+        # RMSNorm computes in fp32: the fp32 input (a copy unless fp32), the normalized
+        # values cast back to the model dtype, one fp32 rsqrt per token
+        return h * 4 + h * a + 4
+    return h * a + 8  # LayerNorm: input, mean and rstd (fp32)
+
+
+def _layer_saved(shape: Shape, setup: Setup, a: int) -> int:
+    """Bytes one decoder layer saves for backward (the whole batch)."""
+    b, s = setup.batch_size, setup.seq_len
+    t = b * s
+    h, i = shape.hidden, shape.intermediate
+    per_token = 2 * _norm_saved(shape, a)
+    # q after rotary, k and v expanded to every head (transformers repeats kv heads when
+    # a padding mask is passed), attention output, its transposed copy (o_proj input)
+    per_token += 5 * h * a + 4 * shape.heads  # + fp32 log-sum-exp per head
+    if shape.family == "llama":
+        per_token += h * a  # the residual sum feeding the second norm
+        per_token += 4 * i * a  # gate, silu(gate), up, their product (down_proj input)
+    else:
+        per_token += h * a + 2 * i * a  # residual; fc1 output and activation output
+    attention = b * s * s * a  # the padding mask expanded to the model dtype
+    if setup.attention == "eager":
+        # scores, softmax in fp32 and its cast: the s^2 tensors flash attention never keeps
+        attention += b * shape.heads * s * s * (a + 4 + a)
+    return t * per_token + attention
+
+
+def _backward_extra(shape: Shape, setup: Setup, a: int) -> int:
+    """Gradients of one layer's activations alive at once, beyond the incoming one."""
+    t = setup.batch_size * setup.seq_len
+    return t * shape.hidden * a
+
+
+def _step_temporary(shape: Shape, setup: Setup, a: int) -> int:
+    p = shape.params()
+    if setup.method == "adamw":
+        # torch's fused CUDA AdamW keeps none; foreach (CPU) a sqrt(v) of every parameter
+        return p * (4 if setup.mixed_precision else a) if setup.device == "cpu" else 0
+    if setup.method == "adam-mini":
+        return 2 * shape.vocab * shape.hidden * a  # per-tensor loop: largest tensor's temps
+    return 0
+
+
+def _mezo(shape, setup, a, base, inputs, t, n, c) -> Estimate:
+    h, i, v = shape.hidden, shape.intermediate, shape.vocab
+    layer_forward = t * (3 * i * a + 5 * h * a) + setup.batch_size * setup.seq_len**2 * a
+    if setup.attention == "eager":
+        layer_forward += setup.batch_size * shape.heads * setup.seq_len**2 * (a + 4)
+    loss_forward = t * h * a + n * h * a + c * v * 8  # logits: fp32 + log-softmax
+    z = max(v * h, max(shape.layer_matrices())) * a
+    phases = {
+        "inference forward of one layer": {
+            **base,
+            "activations_kept": inputs,
+            "layer_transient": layer_forward,
+        },
+        "loss forward": {**base, "activations_kept": inputs, "logits_loss": loss_forward},
+        "perturbation": {**base, "gradients": 0, "layer_transient": z},
+    }
+    phase, parts = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    parts = {k: int(x) for k, x in parts.items() if x}
+    parts["cuda_overhead"] = CUDA_OVERHEAD
+    return Estimate(method="mezo", phase=phase, parts=parts)
