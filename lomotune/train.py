@@ -29,9 +29,10 @@ from lomotune import __version__
 from lomotune.checkpoint import (
     CheckpointError,
     TrainingState,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_weights,
+    newest_intact_checkpoint,
     restore_rng,
     save_checkpoint,
 )
@@ -115,7 +116,7 @@ def train(
     # the saved recipe and a resume compare.
     precision = resolve_precision(recipe.model.precision, device)
     recipe.model.precision = precision.precision
-    checkpoint = plan_output_dir(
+    checkpoint, damaged = plan_output_dir(
         output_dir,
         recipe,
         overwrite=overwrite,
@@ -124,6 +125,7 @@ def train(
     )
     transformers.logging.disable_progress_bar()  # the dashboard is the progress display
     run = setup(recipe, output_dir, checkpoint, device, live=live)
+    run.warnings += [f"damaged checkpoint skipped: {d}" for d in damaged]
     run.notes.insert(0, precision.reason)
     if precision.warning:
         run.warnings.insert(0, precision.warning)
@@ -161,14 +163,30 @@ def train(
 
 def plan_output_dir(
     output_dir: Path, recipe: Recipe, *, overwrite: bool, resume: bool, force: bool
-) -> Path | None:
-    """Decide what to do with the output folder; returns the checkpoint to resume from.
-    Nothing already written is removed unless the user said --overwrite."""
+) -> tuple[Path | None, list[str]]:
+    """Decide what to do with the output folder: (the checkpoint to resume from, one line
+    per damaged newer checkpoint passed over). Nothing already written is removed unless
+    the user said --overwrite."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainError(
+            f"training.output_dir: {output_dir} is a file, not a folder. Set "
+            "training.output_dir to a folder (it is created if missing)",
+            EXIT_BAD_INPUT,
+        )
     has_content = output_dir.exists() and any(output_dir.iterdir())
-    checkpoint = latest_checkpoint(output_dir) if has_content else None
     if overwrite and has_content:
         shutil.rmtree(output_dir)
-        return None
+        return None, []
+    checkpoint, damaged = None, []
+    if resume and has_content and list_checkpoints(output_dir):
+        checkpoint, damaged = newest_intact_checkpoint(output_dir)
+        if checkpoint is None:
+            lines = "\n".join(f"  - {d}" for d in damaged)
+            raise TrainError(
+                f"no intact checkpoint to resume from in {output_dir}; found:\n{lines}\n"
+                "Restore the files from a copy, or start again with --overwrite",
+                EXIT_BAD_INPUT,
+            )
     if resume and checkpoint is not None:
         saved = load_checkpoint(checkpoint)[0].recipe
         differences = recipe_differences(saved, recipe.model_dump(mode="json"))
@@ -179,18 +197,18 @@ def plan_output_dir(
                 "Resume with the original recipe, or pass --force to continue anyway",
                 EXIT_BAD_INPUT,
             )
-        return checkpoint
+        return checkpoint, damaged
     if has_content:
         final = (output_dir / "model").exists()
         if resume and not final and not list((output_dir / "checkpoints").glob("step-*")):
-            return None  # nothing was saved yet: start again (the caller says so)
+            return None, []  # nothing was saved yet: start again (the caller says so)
         what = "a finished run" if final else "an earlier run"
         raise TrainError(
             f"{output_dir} already holds {what}. Pass --overwrite to replace it, --resume to continue "
             "it, or set training.output_dir to another folder",
             EXIT_BAD_INPUT,
         )
-    return None
+    return None, []
 
 
 def recipe_differences(saved: dict, current: dict) -> list[str]:
