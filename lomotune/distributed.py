@@ -321,6 +321,22 @@ def local_shard(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return local, dist.get_rank() * rows_per_rank * math.prod(t.shape[1:])
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole on every rank (a collective); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor cut into the shards of `param` (as it is when `param` is whole)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return t
+    return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+
+
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over every rank (unchanged in a single process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

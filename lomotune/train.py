@@ -338,6 +338,8 @@ def setup(
     if world.is_main:
         write_recipe(recipe, output_dir, loaded, world)
     title = f"lomotune · {opt.name} · {Path(loaded.source).name} · {recipe.model.precision}"
+    if world.is_distributed:
+        title += f" · {world.size} processes"
     return Run(
         recipe=recipe,
         output_dir=output_dir,

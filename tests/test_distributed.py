@@ -37,6 +37,9 @@ METHODS = {
     # lomo under FSDP2 with the global norm clipped: the norm is summed over ranks.
     "lomo": ["optimizer.name=lomo", "optimizer.lr=0.05", "optimizer.clip.mode=exact",
              "optimizer.clip.max_norm=0.5"],
+    # adamw under FSDP2: its moments are sharded, and gathered whole in checkpoints.
+    "adamw": ["optimizer.name=adamw", "optimizer.lr=1e-3", "optimizer.clip.mode=exact",
+              "optimizer.clip.max_norm=0.5"],
     # mezo: data parallel, only the losses are summed.
     "mezo": ["optimizer.name=mezo", "optimizer.lr=1e-3", "optimizer.zo_directions=2"],
 }  # fmt: skip
@@ -94,6 +97,10 @@ def test_two_processes_equal_one_and_their_checkpoints_resume_on_one_or_two(tmp_
     in_process(one, method, 6, "--resume")
     in_process(two, method, 6, "--resume")
     assert_close(weights(two / "model"), weights(one / "model"))
+    optimizer = [
+        load_file(d / "checkpoints" / "step-000006" / "optimizer.safetensors") for d in (one, two)
+    ]
+    assert_close(*optimizer)
     if method == "lomo":  # and on 2 processes, from a checkpoint written by 1 (torchrun)
         resumed = cli(
             "--nproc-per-node", "2", "-m", "lomotune", "train", TINY, f"training.output_dir={one}",
