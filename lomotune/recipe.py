@@ -268,12 +268,6 @@ def combination_problems(r: Recipe) -> list[str]:
             "weights (AdamW's eps underflows and a zero gradient becomes NaN on step 1). Set "
             "model.precision: bf16, fp32 or auto"
         )
-    hw = r.hardware
-    if hw.processes > 1 or hw.nodes > 1 or (isinstance(hw.gpus, int) and hw.gpus > 1):
-        problems.append(
-            "hardware: several processes, GPUs or nodes are not available in this version; "
-            "set hardware.processes: 1, hardware.nodes: 1 and hardware.gpus: 0, 1 or auto"
-        )
     if opt.lora is not None and opt.name not in ("qlora-sgd", "mezo"):
         problems.append(
             f"optimizer.lora: {opt.name} trains every parameter; LoRA adapters are for "

@@ -9,7 +9,7 @@ import io
 
 import torch
 
-from lomotune.distributed import shard_like, whole
+from lomotune.distributed import local_shard, shard_like, sum_over_ranks, whole
 from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
 from lomotune.recipe import ClipConfig, OptimizerConfig
 
@@ -126,8 +126,16 @@ class OptimizerEngine:
         ]
         if not with_grad:
             return []
-        flags = torch.stack([g.sum().isfinite().to(with_grad[0][1].device) for _, g in with_grad])
-        return [n for (n, _), ok in zip(with_grad, flags.tolist(), strict=True) if not ok]
+        device = local_shard(with_grad[0][1])[0].device
+        # Sharded: each rank checks its own rows; one all-reduce of the flags names them all.
+        bad = torch.stack(
+            [
+                local_shard(g)[0].sum().isfinite().logical_not().float().to(device)
+                for _, g in with_grad
+            ]
+        )
+        bad = sum_over_ranks(bad).tolist()
+        return [n for (n, _), b in zip(with_grad, bad, strict=True) if b > 0]
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Optimizer state as (tensors keyed 'index/key', JSON-able rest); the state of
