@@ -7,16 +7,22 @@ A checkpoint is a folder you can read with your eyes:
         optimizer.safetensors   the engine's state tensors (AdaLomo factors, Adam moments)
         rng.safetensors         torch RNG states
         state.json              step, data position, engine scalars, python/numpy RNG,
-                                the resolved recipe
+                                the resolved recipe, and the size and sha256 of every
+                                other file of the checkpoint
 
 It is written to `checkpoints/.partial-step-000100/`, every file fsynced, then renamed:
 a crash in the middle of a save leaves a `.partial-*` folder that is ignored (and removed
 by the next save), and the previous checkpoint intact. Only folders named `step-*` are
 complete.
+
+A disk can still lie, or a copy be cut short: before a resume every file is checked
+against the size and sha256 recorded in state.json (`verify_checkpoint`), and a damaged
+newest checkpoint gives way to the newest intact one (`newest_intact_checkpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: state.json records every file's size and sha256
 
 
 class CheckpointError(Exception):
@@ -106,6 +112,7 @@ def save_checkpoint(
             "python_rng": _python_rng_state(),
             "numpy_rng": _numpy_rng_state(),
             "recipe": state.recipe,
+            "files": file_digests(partial),
         }
         (partial / "state.json").write_text(json.dumps(payload, indent=1))
         _fsync_tree(partial)
@@ -155,6 +162,60 @@ def load_checkpoint(folder: Path) -> tuple[TrainingState, dict[str, torch.Tensor
         recipe=payload["recipe"],
     )
     return state, tensors, payload
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every file under `folder` but state.json (which
+    carries this table; a damaged state.json does not parse)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path != folder / "state.json":
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            out[path.relative_to(folder).as_posix()] = {
+                "size": path.stat().st_size,
+                "sha256": digest,
+            }
+    return out
+
+
+def verify_checkpoint(folder: Path) -> list[str]:
+    """What is wrong with a checkpoint's files (empty when every file is as written)."""
+    try:
+        payload = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"state.json cannot be read ({e})"]
+    if payload.get("format_version") != FORMAT_VERSION or "files" not in payload:
+        return [
+            f"format {payload.get('format_version')}, this lomotune reads {FORMAT_VERSION} "
+            "(written by another version)"
+        ]
+    problems = []
+    for name, want in payload["files"].items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = path.stat().st_size
+        if size != want["size"]:
+            problems.append(f"{name} has {size} bytes, {want['size']} were written")
+            continue
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != want["sha256"]:
+                problems.append(f"{name} does not match the sha256 recorded when it was written")
+    return problems
+
+
+def newest_intact_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint whose files are all as written, one line per damaged
+    newer checkpoint skipped on the way). Older checkpoints are not read."""
+    damaged = []
+    for folder in reversed(list_checkpoints(output_dir)):
+        problems = verify_checkpoint(folder)
+        if not problems:
+            return folder, damaged
+        damaged.append(f"{folder}: " + "; ".join(problems))
+    return None, damaged
 
 
 def restore_rng(folder: Path, payload: dict) -> None:

@@ -20,8 +20,10 @@ err = Console(stderr=True)
 SHIPPED_RECIPES = Path(__file__).parent / "recipes"
 
 
-def fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+def fail(message: str, code: int, echo: bool = True) -> None:
+    """Exit with `code`; `echo=False` for an error that rank 0 of a run already printed."""
+    if echo:
+        err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -49,8 +51,21 @@ def train(
         bool, typer.Option(help="resume even if the recipe differs from the checkpoint's")
     ] = False,
     plain: Annotated[bool, typer.Option(help="plain log lines instead of the live view")] = False,
+    nodes: Annotated[int | None, typer.Option(help="hardware.nodes: machines in the run")] = None,
+    node_rank: Annotated[
+        int | None, typer.Option(help="hardware.node_rank: this machine's number")
+    ] = None,
+    master_addr: Annotated[
+        str | None, typer.Option(help="hardware.master_addr: the machine of node_rank 0")
+    ] = None,
+    master_port: Annotated[
+        int | None, typer.Option(help="hardware.master_port: a free port there")
+    ] = None,
 ) -> None:
-    """Fine-tune a model as a recipe says: live dashboard, checkpoints, final model."""
+    """Fine-tune a model as a recipe says: live dashboard, checkpoints, final model.
+    Several processes (hardware.gpus > 1, or gpus 0 with processes > 1) are started here
+    through torch's elastic launcher; under torchrun each process is one of them."""
+    from lomotune import distributed
     from lomotune.checkpoint import CheckpointError
     from lomotune.data import DataError
     from lomotune.models import ModelError
@@ -58,19 +73,35 @@ def train(
     from lomotune.train import EXIT_BAD_INPUT, EXIT_SIGINT, TrainError
     from lomotune.train import train as run_training
 
+    given = {"nodes": nodes, "node_rank": node_rank, "master_addr": master_addr}
+    given["master_port"] = master_port
+    overrides = [
+        *(overrides or []),
+        *(f"hardware.{k}={v}" for k, v in given.items() if v is not None),
+    ]
+    flags = [f"--{name}" for name, on in [("overwrite", overwrite), ("resume", resume), ("force", force), ("plain", plain)] if on]  # fmt: skip
     try:
-        parsed = load_recipe(find_recipe(recipe), overrides or [])
+        parsed = load_recipe(find_recipe(recipe), overrides)
+        if distributed.needs_launch(parsed):
+            size = distributed.processes_per_node(parsed.hardware) * parsed.hardware.nodes
+            refused = distributed.refusal(parsed, size)
+            if refused:
+                raise RecipeError([refused], recipe)
+            distributed.launch(parsed, ["train", recipe, *overrides, *flags])
+            return
         run_training(
             parsed, overwrite=overwrite, resume=resume, force=force, live=False if plain else None
         )
-    except RecipeError as e:
-        fail(str(e), EXIT_BAD_INPUT)
-    except (ModelError, DataError) as e:
-        fail(str(e), EXIT_BAD_INPUT)
-    except TrainError as e:
+    except distributed.LaunchError as e:
         fail(str(e), e.exit_code)
+    except RecipeError as e:
+        fail(str(e), EXIT_BAD_INPUT, getattr(e, "echo", True))
+    except (ModelError, DataError) as e:
+        fail(str(e), EXIT_BAD_INPUT, getattr(e, "echo", True))
+    except TrainError as e:
+        fail(str(e), e.exit_code, getattr(e, "echo", True))
     except CheckpointError as e:
-        fail(str(e), 1)
+        fail(str(e), 1, getattr(e, "echo", True))
     except OSError as e:  # a full disk, a folder gone: the system's reason, not a traceback
         where = f": {e.filename}" if e.filename else ""
         fail(

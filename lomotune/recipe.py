@@ -184,7 +184,10 @@ class TrainingConfig(Section):
 
 class HardwareConfig(Section):
     gpus: int | Literal["auto"] = Field("auto", description="0 = CPU; auto = one GPU if present")
-    nodes: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, description="machines; each runs gpus (or processes) processes")
+    node_rank: int = Field(0, ge=0, description="this machine's number, 0 .. nodes-1")
+    master_addr: str = Field("127.0.0.1", description="address of the machine with node_rank 0")
+    master_port: int = Field(29500, ge=1, le=65535, description="a free port on that machine")
     processes: int = Field(1, ge=1, description="CPU processes when gpus is 0")
     threads: int | None = Field(None, ge=1, description="CPU threads; None = torch's default")
 
@@ -230,6 +233,16 @@ def combination_problems(r: Recipe) -> list[str]:
         )
     if isinstance(r.hardware.gpus, int) and r.hardware.gpus < 0:
         problems.append("hardware.gpus: must be 0 (CPU), a GPU count, or auto")
+    if r.hardware.node_rank >= r.hardware.nodes:
+        problems.append(
+            f"hardware.node_rank: {r.hardware.node_rank} with {r.hardware.nodes} node(s); "
+            "number the machines 0 .. nodes-1"
+        )
+    if r.hardware.processes > 1 and r.hardware.gpus != 0:
+        problems.append(
+            "hardware.processes: is the number of CPU processes (with gpus: 0); on GPUs "
+            "set hardware.gpus to the number of GPUs per machine instead"
+        )
     if opt.name == "mezo" and opt.clip.mode != "none":
         problems.append(
             "optimizer.clip.mode: mezo estimates one scalar per direction; there is no "
@@ -254,12 +267,6 @@ def combination_problems(r: Recipe) -> list[str]:
             f"model.precision: {opt.name} in pure fp16 has no loss scaling and no fp32 master "
             "weights (AdamW's eps underflows and a zero gradient becomes NaN on step 1). Set "
             "model.precision: bf16, fp32 or auto"
-        )
-    hw = r.hardware
-    if hw.processes > 1 or hw.nodes > 1 or (isinstance(hw.gpus, int) and hw.gpus > 1):
-        problems.append(
-            "hardware: several processes, GPUs or nodes are not available in this version; "
-            "set hardware.processes: 1, hardware.nodes: 1 and hardware.gpus: 0, 1 or auto"
         )
     if opt.lora is not None and opt.name not in ("qlora-sgd", "mezo"):
         problems.append(

@@ -25,18 +25,21 @@ import numpy as np
 import torch
 import transformers
 
-from lomotune import __version__
+from lomotune import __version__, distributed
 from lomotune.checkpoint import (
     CheckpointError,
     TrainingState,
-    latest_checkpoint,
+    checkpoint_root,
+    list_checkpoints,
     load_checkpoint,
     load_weights,
+    newest_intact_checkpoint,
     restore_rng,
     save_checkpoint,
 )
 from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
 from lomotune.data import BatchLoader, PreparedData, prepare_data
+from lomotune.distributed import World, any_rank, share_from_main
 from lomotune.evaluate.exact_match import exact_match
 from lomotune.models import (
     LoadedModel,
@@ -92,6 +95,7 @@ class Run:
     dashboard: Dashboard
     metrics: MetricsLog
     meter: MemoryMeter
+    world: World
     throughput: Throughput = field(default_factory=Throughput)
     resumed_from: Path | None = None
     saved: tuple[int, Path] | None = None  # (step, folder) of the newest checkpoint
@@ -108,22 +112,48 @@ def train(
     force: bool = False,
     live: bool | None = None,
 ) -> dict[str, Any]:
-    """Run a recipe to the end; returns the summary. Raises TrainError/RecipeError."""
+    """Run a recipe to the end; returns the summary. Raises TrainError/RecipeError.
+    Under a launcher (several processes) every process calls this; rank 0 decides about
+    the output folder and writes every file."""
+    if distributed.needs_launch(recipe):
+        raise TrainError(
+            "hardware: this recipe asks for several processes; start it with `lomotune train` "
+            "(which launches them) or under torchrun",
+            EXIT_BAD_INPUT,
+        )
+    world = distributed.join(recipe)
+    try:
+        return train_in(world, recipe, overwrite=overwrite, resume=resume, force=force, live=live)
+    finally:
+        distributed.leave()
+
+
+def train_in(
+    world: World, recipe: Recipe, *, overwrite: bool, resume: bool, force: bool, live: bool | None
+) -> dict[str, Any]:
     output_dir = Path(recipe.training.output_dir)
-    device = pick_device(recipe)
+    device = distributed.device_of(world, recipe) or pick_device(recipe)
     # `auto` becomes what this hardware computes in natively; the resolved value is what
     # the saved recipe and a resume compare.
     precision = resolve_precision(recipe.model.precision, device)
     recipe.model.precision = precision.precision
-    checkpoint = plan_output_dir(
-        output_dir,
-        recipe,
-        overwrite=overwrite,
-        resume=resume or recipe.resume == "auto",
-        force=force,
-    )
+
+    def decide() -> tuple[Path | None, list[str]]:
+        refused = distributed.refusal(recipe, world.size)
+        if refused:
+            raise RecipeError([refused])
+        return plan_output_dir(
+            output_dir,
+            recipe,
+            overwrite=overwrite,
+            resume=resume or recipe.resume == "auto",
+            force=force,
+        )
+
+    checkpoint, damaged = share_from_main(world, decide)  # taken once, by rank 0
     transformers.logging.disable_progress_bar()  # the dashboard is the progress display
-    run = setup(recipe, output_dir, checkpoint, device, live=live)
+    run = setup(recipe, output_dir, checkpoint, device, live=live, world=world)
+    run.warnings += [f"damaged checkpoint skipped: {d}" for d in damaged]
     run.notes.insert(0, precision.reason)
     if precision.warning:
         run.warnings.insert(0, precision.warning)
@@ -151,7 +181,8 @@ def train(
         summary = summarize(run, time.perf_counter() - started, final_dir)
         run.metrics.summary(run.state.step, summary)
         run.dashboard.summary(summary)
-    plot_quietly(run)
+    if world.is_main:
+        plot_quietly(run)
     return summary
 
 
@@ -161,14 +192,30 @@ def train(
 
 def plan_output_dir(
     output_dir: Path, recipe: Recipe, *, overwrite: bool, resume: bool, force: bool
-) -> Path | None:
-    """Decide what to do with the output folder; returns the checkpoint to resume from.
-    Nothing already written is removed unless the user said --overwrite."""
+) -> tuple[Path | None, list[str]]:
+    """Decide what to do with the output folder: (the checkpoint to resume from, one line
+    per damaged newer checkpoint passed over). Nothing already written is removed unless
+    the user said --overwrite."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainError(
+            f"training.output_dir: {output_dir} is a file, not a folder. Set "
+            "training.output_dir to a folder (it is created if missing)",
+            EXIT_BAD_INPUT,
+        )
     has_content = output_dir.exists() and any(output_dir.iterdir())
-    checkpoint = latest_checkpoint(output_dir) if has_content else None
     if overwrite and has_content:
         shutil.rmtree(output_dir)
-        return None
+        return None, []
+    checkpoint, damaged = None, []
+    if resume and has_content and list_checkpoints(output_dir):
+        checkpoint, damaged = newest_intact_checkpoint(output_dir)
+        if checkpoint is None:
+            lines = "\n".join(f"  - {d}" for d in damaged)
+            raise TrainError(
+                f"no intact checkpoint to resume from in {output_dir}; found:\n{lines}\n"
+                "Restore the files from a copy, or start again with --overwrite",
+                EXIT_BAD_INPUT,
+            )
     if resume and checkpoint is not None:
         saved = load_checkpoint(checkpoint)[0].recipe
         differences = recipe_differences(saved, recipe.model_dump(mode="json"))
@@ -179,18 +226,18 @@ def plan_output_dir(
                 "Resume with the original recipe, or pass --force to continue anyway",
                 EXIT_BAD_INPUT,
             )
-        return checkpoint
+        return checkpoint, damaged
     if has_content:
         final = (output_dir / "model").exists()
         if resume and not final and not list((output_dir / "checkpoints").glob("step-*")):
-            return None  # nothing was saved yet: start again (the caller says so)
+            return None, []  # nothing was saved yet: start again (the caller says so)
         what = "a finished run" if final else "an earlier run"
         raise TrainError(
             f"{output_dir} already holds {what}. Pass --overwrite to replace it, --resume to continue "
             "it, or set training.output_dir to another folder",
             EXIT_BAD_INPUT,
         )
-    return None
+    return None, []
 
 
 def recipe_differences(saved: dict, current: dict) -> list[str]:
@@ -211,12 +258,8 @@ def pick_device(recipe: Recipe) -> torch.device:
         return torch.device("cuda") if available else torch.device("cpu")
     if hw.gpus == 0:
         return torch.device("cpu")
-    if hw.gpus > available:
-        raise RecipeError(
-            [
-                f"hardware.gpus: {hw.gpus} asked for, {available} present. Set hardware.gpus: {available} (0 = CPU) or auto"
-            ]
-        )
+    if distributed.missing_gpus(hw):
+        raise RecipeError([distributed.missing_gpus(hw)])
     return torch.device("cuda")
 
 
@@ -227,6 +270,7 @@ def setup(
     device: torch.device,
     *,
     live: bool | None = None,
+    world: World = distributed.ALONE,
 ) -> Run:
     if recipe.hardware.threads:
         torch.set_num_threads(recipe.hardware.threads)
@@ -254,6 +298,10 @@ def setup(
     def loss_fn(batch):
         return causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
 
+    if checkpoint is not None:  # into the whole model, before it is sharded
+        restore_weights(model, checkpoint / "model")
+    if world.is_distributed:
+        loss_fn = distributed.distribute(model, loss_fn, recipe, world)
     engine = build_engine(recipe, model, loss_fn)
     state = TrainingState(
         step=0,
@@ -266,7 +314,7 @@ def setup(
         recipe=recipe.model_dump(mode="json"),
     )
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)  # every rank: each writes checkpoint parts
     except OSError as e:
         raise TrainError(
             f"training.output_dir: cannot create {output_dir}: {e.strerror or e}. Set it to a folder you can write",
@@ -276,7 +324,6 @@ def setup(
     warnings = method_warnings(recipe)
     if checkpoint is not None:
         state, tensors, payload = load_checkpoint(checkpoint)
-        restore_weights(model, checkpoint / "model")
         saved_method = state.recipe.get("optimizer", {}).get("name")
         if saved_method == opt.name:
             engine.load_state_dict(tensors, state.engine_meta)
@@ -286,9 +333,13 @@ def setup(
             )
         restore_rng(checkpoint, payload)
         state.recipe = recipe.model_dump(mode="json")
-        truncate_metrics(output_dir / METRICS_FILE, state.step)
-    write_recipe(recipe, output_dir, loaded)
+        if world.is_main:
+            truncate_metrics(output_dir / METRICS_FILE, state.step)
+    if world.is_main:
+        write_recipe(recipe, output_dir, loaded, world)
     title = f"lomotune · {opt.name} · {Path(loaded.source).name} · {recipe.model.precision}"
+    if world.is_distributed:
+        title += f" · {world.size} processes"
     return Run(
         recipe=recipe,
         output_dir=output_dir,
@@ -299,9 +350,10 @@ def setup(
         engine=engine,
         total_steps=total_steps,
         state=state,
-        dashboard=Dashboard(total_steps, title, live=live),
-        metrics=MetricsLog(output_dir / METRICS_FILE),
+        dashboard=Dashboard(total_steps, title, live=live, enabled=world.is_main),
+        metrics=MetricsLog(output_dir / METRICS_FILE, enabled=world.is_main),
         meter=MemoryMeter(device),
+        world=world,
         resumed_from=checkpoint,
         saved=(state.step, checkpoint) if checkpoint is not None else None,
         notes=notes,
@@ -359,12 +411,13 @@ def count_total_steps(recipe: Recipe, loader: BatchLoader) -> int:
     return max(1, math.ceil(t.epochs * loader.batches_per_epoch / micro))
 
 
-def write_recipe(recipe: Recipe, output_dir: Path, loaded: LoadedModel) -> None:
+def write_recipe(recipe: Recipe, output_dir: Path, loaded: LoadedModel, world: World) -> None:
     """The resolved recipe next to the outputs, headed by what produced it."""
     header = (
         f"# resolved recipe, written by lomotune {__version__} "
         f"(torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()})\n# model loaded from: {loaded.source}\n"
+        f"# world_size: {world.size}\n"
     )
     (output_dir / "recipe.yaml").write_text(header + recipe_to_yaml(recipe))
 
@@ -419,11 +472,12 @@ def fit(run: Run, stop: GracefulStop) -> None:
             evaluate_loss(run)
         if t.save_every and state.step % t.save_every == 0 and state.step < run.total_steps:
             save(run)
-        if stop.requested:
+        if any_rank(run.world, stop.requested):  # every rank stops after the same step
             folder = save(run)
-            code = EXIT_SIGTERM if stop.signal_number == signal.SIGTERM else EXIT_SIGINT
+            signum = stop.signal_number or signal.SIGINT  # a rank that saw none follows
+            code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
             raise TrainError(
-                f"stopped by {signal.Signals(stop.signal_number).name} after step {state.step}; checkpoint {folder}.\n"
+                f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint {folder}.\n"
                 f"Continue with: lomotune train {run.output_dir / 'recipe.yaml'} --resume",
                 code,
             )
@@ -498,11 +552,7 @@ def evaluate_loss(run: Run) -> float | None:
     for index, batch in enumerate(loader):  # one pass, in order
         if index >= limit:
             break
-        loss_sum, count = causal_lm_loss(
-            model,
-            {k: v.to(run.device) for k, v in batch.items()},
-            run.recipe.model.loss_chunk_tokens,
-        )
+        loss_sum, count = run.engine.loss_fn(batch)  # on the device; summed over ranks
         total += float(loss_sum)
         n += count
     model.train()
@@ -577,24 +627,28 @@ def save(run: Run, keep_all: bool = False) -> Path:
         return run.saved[1]
     tensors, meta = run.engine.state_dict()
     run.state.engine_meta = meta
-    folder = save_checkpoint(
-        run.output_dir,
-        run.state,
-        lambda out: save_model(run, out),
-        tensors,
-        keep=None if keep_all else run.recipe.training.keep_checkpoints,
-    )
+    weights = distributed.full_state_dict(run.loaded.model)  # gathered to rank 0 when sharded
+    folder = checkpoint_root(run.output_dir) / f"step-{run.state.step:06d}"
+    if run.world.is_main:
+        folder = save_checkpoint(
+            run.output_dir,
+            run.state,
+            lambda out: save_model(run, out, weights),
+            tensors,
+            keep=None if keep_all else run.recipe.training.keep_checkpoints,
+        )
     run.saved = (run.state.step, folder)
     run.dashboard.note(f"checkpoint saved: {folder}")
     return folder
 
 
-def save_model(run: Run, out: Path) -> None:
+def save_model(run: Run, out: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The model in Hugging Face layout; `weights`: its whole state gathered from shards."""
     model = run.loaded.model
     model.config.use_cache = True  # for whoever loads it: generation wants the cache
     try:
         # A PEFT model writes its adapter only (PEFT format); others the whole model.
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, state_dict=weights, safe_serialization=True)
     finally:
         model.config.use_cache = False
     run.loaded.tokenizer.save_pretrained(out)
@@ -603,10 +657,13 @@ def save_model(run: Run, out: Path) -> None:
 def save_final(run: Run) -> Path:
     save(run)
     final = run.output_dir / "model"
+    weights = distributed.full_state_dict(run.loaded.model)
+    if not run.world.is_main:
+        return final
     tmp = run.output_dir / ".partial-model"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_model(run, tmp)
+        save_model(run, tmp, weights)
         shutil.copy(run.output_dir / "recipe.yaml", tmp / "lomotune_recipe.yaml")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -622,13 +679,19 @@ def save_final(run: Run) -> Path:
 
 
 def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:
+    peaks = distributed.gather_floats(
+        run.world, run.results.get("peak_memory", run.meter.peak_bytes())
+    )
     summary = {
         "method": run.recipe.optimizer.name,
         "steps": run.state.step,
         "final_loss": None,
         "eval_loss": run.results.get("eval_loss"),
-        "tokens_per_s": run.throughput.overall,
-        "peak_memory": run.results.get("peak_memory", run.meter.peak_bytes()),
+        "world_size": run.world.size,
+        "tokens_per_s": run.throughput.overall,  # all processes together
+        "tokens_per_s_per_process": (run.throughput.overall or 0) / run.world.size,
+        "peak_memory": int(max(peaks)),  # the largest of any process
+        "peak_memory_spread": int(max(peaks) - min(peaks)),
         "process_peak_memory": run.meter.process_peak_bytes(),
         "memory_kind": run.meter.kind,
         "skipped_steps": run.state.skipped_steps,
@@ -640,7 +703,8 @@ def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:
             summary[key] = run.results[key]
     last = run.dashboard.smoothed_loss
     summary["final_loss"] = last
-    (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if run.world.is_main:
+        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 

@@ -435,12 +435,12 @@ def test_disk_full_while_writing_the_final_model(tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save_model = lomotune.train.save_model
 
-    def save_model(run, folder):
+    def save_model(run, folder, weights=None):
         if folder.name == ".partial-model":
             (folder / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
             (folder / "model.safetensors").write_bytes(b"\0" * 100)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save_model(run, folder)
+        return real_save_model(run, folder, weights)
 
     with monkeypatch.context() as m:
         m.setattr(lomotune.train, "save_model", save_model)

@@ -9,6 +9,7 @@ import io
 
 import torch
 
+from lomotune.distributed import local_shard, shard_like, sum_over_ranks, whole
 from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
 from lomotune.recipe import ClipConfig, OptimizerConfig
 
@@ -125,17 +126,26 @@ class OptimizerEngine:
         ]
         if not with_grad:
             return []
-        flags = torch.stack([g.sum().isfinite().to(with_grad[0][1].device) for _, g in with_grad])
-        return [n for (n, _), ok in zip(with_grad, flags.tolist(), strict=True) if not ok]
+        device = local_shard(with_grad[0][1])[0].device
+        # Sharded: each rank checks its own rows; one all-reduce of the flags names them all.
+        bad = torch.stack(
+            [
+                local_shard(g)[0].sum().isfinite().logical_not().float().to(device)
+                for _, g in with_grad
+            ]
+        )
+        bad = sum_over_ranks(bad).tolist()
+        return [n for (n, _), b in zip(with_grad, bad, strict=True) if b > 0]
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Optimizer state as (tensors keyed 'index/key', JSON-able rest)."""
+        """Optimizer state as (tensors keyed 'index/key', JSON-able rest); the state of
+        sharded parameters gathered whole (a collective), so the format is one process's."""
         sd = self.optimizer.state_dict()
         tensors, scalars = {}, {}
         for index, state in sd["state"].items():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"{index}/{key}"] = value
+                    tensors[f"{index}/{key}"] = whole(value)
                 else:
                     scalars[f"{index}/{key}"] = value
         meta = {
@@ -149,6 +159,9 @@ class OptimizerEngine:
         state: dict[int, dict] = {}
         for flat, value in [*tensors.items(), *meta["scalars"].items()]:
             index, key = flat.split("/", 1)
+            param = self.params[int(index)]  # sharded: the state takes the parameter's shards
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value = shard_like(value, param)
             state.setdefault(int(index), {})[key] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.step_count = int(meta["step_count"])

@@ -38,6 +38,7 @@ from typing import Protocol
 
 import torch
 
+from lomotune.distributed import local_shard, sum_over_ranks
 from lomotune.optim.rounding import stochastic_round_into
 from lomotune.optim.seeds import mix64
 from lomotune.recipe import ClipConfig
@@ -136,7 +137,12 @@ class FusedEngine:
         # Trainable parameters, each once (tied weights appear once in named_parameters).
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.states: list[dict[str, torch.Tensor]] = [rule.init_state(p) for p in self.params]
+        # Under FSDP2 (several processes) each parameter is a DTensor: the rule sees and
+        # keeps state for this rank's shard only; norms are summed over ranks.
+        self.sharded = any(local_shard(p)[0] is not p for p in self.params)
+        self.states: list[dict[str, torch.Tensor]] = [
+            rule.init_state(local_shard(p)[0].detach()) for p in self.params
+        ]
         self._generators: dict[torch.device, torch.Generator] = {}
         # Per-step settings read by the hooks.
         self._mode = "idle"  # "norm" | "update" | "idle"
@@ -244,7 +250,9 @@ class FusedEngine:
         if not parts:
             return []
         device = parts[0][1].device
-        return torch.stack([p.to(device) for _, p in parts]).tolist()
+        stacked = torch.stack([p.to(device) for _, p in parts])
+        # Sharded: each rank squared its own rows; one all-reduce gives every parameter's.
+        return (sum_over_ranks(stacked) if self.sharded else stacked).tolist()
 
     def _read_step(self) -> tuple[float, list[bool]]:
         """(this step's gradient norm when tracked, else nan; per fired hook: finite?).
@@ -255,9 +263,13 @@ class FusedEngine:
         if not values:
             return math.nan, []
         device = values[0].device
-        read = torch.stack([v.to(device) for v in values]).tolist()
+        stacked = torch.stack([v.to(device) for v in values])
+        ranks = 1
+        if self.sharded:  # squared norms of the shards and finite flags, summed over ranks
+            stacked, ranks = sum_over_ranks(stacked), torch.distributed.get_world_size()
+        read = stacked.tolist()
         norm = math.sqrt(sum(read[: len(sq)])) if sq else math.nan
-        return norm, [v == 1.0 for v in read[len(sq) :]]
+        return norm, [v == ranks for v in read[len(sq) :]]
 
     def _describe(self, indices: list[int]) -> str:
         names = [self.names[i] for i in indices]
@@ -271,7 +283,7 @@ class FusedEngine:
             grad = param.grad
             param.grad = None  # freed now, whatever happens below
             if self._mode == "norm":
-                self._sq_parts.append((index, grad.detach().float().pow(2).sum()))
+                self._sq_parts.append((index, local_shard(grad)[0].detach().float().pow(2).sum()))
             elif self._mode == "update":
                 self._update(index, param, grad)
 
@@ -279,6 +291,8 @@ class FusedEngine:
 
     @torch.no_grad()
     def _update(self, index: int, param: torch.Tensor, grad: torch.Tensor) -> None:
+        param, offset = local_shard(param)  # this rank's rows under FSDP2, else the whole
+        grad = local_shard(grad)[0]
         # The hook already took the gradient off the parameter, so nothing else holds it:
         # an fp32 gradient is modified in place, not copied (one copy less per tensor).
         g = grad.float()
@@ -297,22 +311,26 @@ class FusedEngine:
         if self._grad_factor != 1.0:
             g.mul_(self._grad_factor)
         if self.clip.mode == "per-tensor":
-            g.mul_((self.clip.max_norm / (g.norm() + 1e-6)).clamp(max=1.0))
+            norm = sum_over_ranks(g.pow(2).sum()).sqrt() if self.sharded else g.norm()
+            g.mul_((self.clip.max_norm / (norm + 1e-6)).clamp(max=1.0))
         working = param if param.dtype == torch.float32 else param.float()
         self.rule.apply(working, g, self.states[index], self._lr, self.step_count, ok)
         if working is not param:
             if param.dtype == torch.bfloat16 and self.stochastic_rounding:
-                stochastic_round_into(param, working, self._generator(index, param.device))
+                generator = self._generator(index, offset, param.device)
+                stochastic_round_into(param, working, generator)
             else:
                 param.copy_(working)
 
-    def _generator(self, index: int, device: torch.device) -> torch.Generator:
-        # Seeded from (run seed, step, parameter): the noise does not depend on the order
-        # in which hooks fire, and a resumed run draws exactly what a straight run would.
+    def _generator(self, index: int, offset: int, device: torch.device) -> torch.Generator:
+        # Seeded from (run seed, step, parameter, shard offset): the noise does not depend
+        # on the order in which hooks fire, a resumed run draws exactly what a straight run
+        # would, and the shards of one parameter on N ranks draw different noise.
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        gen.manual_seed(mix64(self.seed, self.step_count, index))
+        seed = mix64(self.seed, self.step_count, index)
+        gen.manual_seed(seed if offset == 0 else mix64(seed, offset))
         return gen
 
     # -- state -------------------------------------------------------------------------

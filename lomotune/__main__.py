@@ -1,0 +1,5 @@
+"""`python -m lomotune` (and `torchrun -m lomotune`): the CLI."""
+
+from lomotune.cli import main
+
+main()

@@ -1,0 +1,374 @@
+"""Several processes: launching them, the process group, sharding, and rank helpers.
+
+How a run with N processes starts:
+
+    lomotune train recipe.yaml          hardware.gpus: 2 (or gpus: 0, processes: 2)
+      -> `launch`: torch's elastic launcher (what `torchrun` and `tune run` use) starts
+         N copies of `python -m lomotune train recipe.yaml ...` with RANK, WORLD_SIZE,
+         LOCAL_RANK, MASTER_ADDR in their environment, and stops them all when one dies
+    each copy, or each copy started by `torchrun -m lomotune train ...` directly:
+      -> `under_launcher()` is true: never launched again
+      -> `join(recipe)`: the process group (nccl on GPUs, gloo on CPU), one GPU per
+         local rank
+
+What each method does with N processes:
+- lomo (and sgd, adamw): FSDP2 (`fully_shard`), each decoder layer a unit, the root
+  (embeddings, final norm, head: tied weights stay in one unit) another. The fused
+  update runs in FSDP's post-accumulate-grad hook on the rank's local shard, after the
+  reduce-scatter: no rank ever holds a full gradient.
+- mezo: data parallel, every rank holds the whole model; the perturbations come from the
+  shared seed, so only the two scalar losses of a direction are summed over ranks.
+
+Data: every rank reads the same global batch (same loader, same seed) and computes the
+loss of its contiguous share of the rows (`DataParallelLoss`); gradients are summed over
+ranks and the loss is divided by the global label-token count, so N processes compute
+the one-process step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from lomotune.recipe import HardwareConfig, Recipe
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+# Methods that run on several processes, and how.
+SHARDED_METHODS = ("lomo", "sgd", "adamw")  # FSDP2
+REPLICATED_METHODS = ("mezo",)  # data parallel, scalar losses summed
+
+
+class LaunchError(Exception):
+    """Workers that failed; carries the exit code to hand back to the shell."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.size > 1
+
+
+ALONE = World()  # a run in one process
+
+
+# ---------------------------------------------------------------------------------------
+# Launching
+
+
+def under_launcher() -> bool:
+    """Started by torchrun or by `launch` (never launch again from inside)."""
+    return all(name in os.environ for name in LAUNCHER_VARIABLES)
+
+
+def processes_per_node(hw: HardwareConfig) -> int:
+    if hw.gpus == 0:
+        return hw.processes
+    if hw.gpus == "auto":
+        return 1
+    return hw.gpus
+
+
+def needs_launch(recipe: Recipe) -> bool:
+    hw = recipe.hardware
+    return not under_launcher() and processes_per_node(hw) * hw.nodes > 1
+
+
+def launch(recipe: Recipe, argv: list[str]) -> None:
+    """Run `python -m lomotune <argv>` in every process of this node through torch's
+    elastic launcher; returns when all finished, raises LaunchError when one failed
+    (the others are stopped by the launcher within its monitor interval)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    hw = recipe.hardware
+    config = LaunchConfig(
+        min_nodes=hw.nodes,
+        max_nodes=hw.nodes,
+        nproc_per_node=processes_per_node(hw),
+        run_id="lomotune",
+        rdzv_backend="static",  # as torchrun with --master-addr/--node-rank
+        rdzv_endpoint=f"{hw.master_addr}:{hw.master_port}",
+        rdzv_configs={"rank": hw.node_rank, "timeout": 300},
+        max_restarts=0,  # a failed rank fails the run: its checkpoint is the restart
+        monitor_interval=0.2,
+        # Ctrl-C reaches every worker from the terminal and each saves a checkpoint: the
+        # launcher must not answer it by signalling them again (a second signal aborts).
+        signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
+        shutdown_timeout=60,
+    )
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        elastic_launch(config, sys.executable)("-m", "lomotune", *argv)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = (
+            f"was stopped by {failure.signal_name()}"
+            if failure.exitcode < 0
+            else f"exited with code {failure.exitcode}"
+        )
+        raise LaunchError(
+            f"process {rank} {how}; the other processes were stopped (its message, if any, "
+            "is above). Checkpoints already complete are intact: continue with --resume",
+            failure.exitcode if failure.exitcode > 0 else 1,
+        ) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------------------
+# The process group
+
+
+def join(recipe: Recipe) -> World:
+    """The process group of a launched run (World() when alone). Call `leave` at the end."""
+    if not under_launcher():
+        return ALONE
+    world = World(
+        rank=int(os.environ["RANK"]),
+        local_rank=int(os.environ["LOCAL_RANK"]),
+        size=int(os.environ["WORLD_SIZE"]),
+    )
+    if world.size == 1:
+        return world
+    on_gpu = recipe.hardware.gpus != 0 and torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        # A peer that died is noticed by the launcher within a second; the timeout only
+        # bounds a hang that no process death explains.
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=10))
+    return world
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_of(world: World, recipe: Recipe) -> torch.device | None:
+    """The GPU of this local rank, or None to let the single-process rules pick."""
+    if world.is_distributed and recipe.hardware.gpus != 0:
+        return torch.device("cuda", world.local_rank)
+    return None
+
+
+def share_from_main(world: World, make):
+    """Run `make()` on rank 0 only and return its value (or raise its exception) on every
+    rank: decisions about the output folder are taken once."""
+    if not world.is_distributed:
+        return make()
+    box: list = [None]
+    if world.is_main:
+        try:
+            box[0] = ("value", make())
+        except Exception as e:  # handed to every rank, raised there too
+            # Class, args and attributes: our errors' __init__ takes more than a message.
+            box[0] = ("error", (type(e), e.args, vars(e)))
+            error = e
+    dist.broadcast_object_list(box, src=0)
+    kind, payload = box[0]
+    if kind == "value":
+        return payload
+    if world.is_main:
+        raise error
+    cls, args, attributes = payload
+    copy = cls.__new__(cls)
+    copy.args = args
+    copy.__dict__.update(attributes, echo=False)  # rank 0 prints it; the others exit quietly
+    raise copy
+
+
+def any_rank(world: World, flag: bool) -> bool:
+    """True on every rank when it is true on one (a signal seen by some ranks only)."""
+    if not world.is_distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def gather_floats(world: World, value: float) -> list[float]:
+    """`value` of every rank, in rank order."""
+    if not world.is_distributed:
+        return [value]
+    t = torch.zeros(world.size, dtype=torch.float64, device=_collective_device())
+    t[world.rank] = value
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# Methods on several processes
+
+
+def missing_gpus(hw: HardwareConfig) -> str | None:
+    """Why the GPUs the recipe asks for are not all here (None when they are)."""
+    available = torch.cuda.device_count()
+    if isinstance(hw.gpus, int) and hw.gpus > available:
+        return f"hardware.gpus: {hw.gpus} asked for, {available} present. Set hardware.gpus: {available} (0 = CPU) or auto"
+    return None
+
+
+def refusal(recipe: Recipe, world_size: int) -> str | None:
+    """Why this recipe cannot run on `world_size` processes (None when it can)."""
+    if world_size <= 1:
+        return None
+    if missing_gpus(recipe.hardware):
+        return missing_gpus(recipe.hardware)
+    name = recipe.optimizer.name
+    works = ", ".join(SHARDED_METHODS + REPLICATED_METHODS)
+    if name not in SHARDED_METHODS + REPLICATED_METHODS:
+        return (
+            f"optimizer.name: {name} does not run on several processes yet (these do: {works}). "
+            "Use one of them, or one process (hardware.gpus: 1, or gpus: 0 with processes: 1)"
+        )
+    if recipe.optimizer.lora is not None:
+        return "optimizer.lora: LoRA adapters do not run on several processes yet; remove optimizer.lora or use one process"
+    if recipe.training.batch_size < world_size:
+        return (
+            f"training.batch_size: {recipe.training.batch_size} rows cannot be split over "
+            f"{world_size} processes; set it to at least {world_size}"
+        )
+    if recipe.training.generate_eval_examples:
+        return "training.generate_eval_examples: generation is not available on several processes yet; set it to 0"
+    return None
+
+
+def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World):
+    """Shard `model` in place for methods that shard (FSDP2: each decoder layer a unit,
+    the rest the root unit) and return the loss function every engine calls: the rank's
+    share of each batch, summed over ranks (`DataParallelLoss`)."""
+    if recipe.optimizer.name in SHARDED_METHODS:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        for layer in model.get_decoder().layers:
+            fully_shard(layer)
+        fully_shard(model)
+        for module in model.modules():
+            if hasattr(module, "set_gradient_divide_factor"):
+                # Summed, not averaged: DataParallelLoss divides by the global token
+                # count. Plain sums: gloo has no pre-multiplied or averaging reduction.
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        # The chunked loss calls the decoder and the head's weight itself, not
+        # model.forward: make it an entry point that unshards the root unit as forward would.
+        model.lomotune_loss = loss_fn
+        register_fsdp_forward_method(model, "lomotune_loss")
+        loss_fn = model.lomotune_loss
+    return DataParallelLoss(loss_fn, world)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (CPU), gathered from the shards; a collective
+    every rank must call. None for a model that is not sharded (its own state is whole)."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if getattr(model.config, "tie_word_embeddings", False):  # saved once, as unsharded
+        for key in getattr(model, "_tied_weights_keys", None) or []:
+            state.pop(key, None)
+    return state
+
+
+def local_shard(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's part of a sharded parameter or gradient, the flat offset of its first
+    element in the whole tensor); a plain tensor is its own part at offset 0."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t, 0
+    local = t.to_local()
+    # FSDP2 shards dim 0 in equal chunks (the last may be shorter or empty).
+    rows_per_rank = -(-t.shape[0] // t.device_mesh.size())
+    return local, dist.get_rank() * rows_per_rank * math.prod(t.shape[1:])
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole on every rank (a collective); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor cut into the shards of `param` (as it is when `param` is whole)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return t
+    return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over every rank (unchanged in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+class DataParallelLoss:
+    """Wraps a loss function (batch -> (summed loss, label tokens)): each rank computes
+    the loss of its share of the batch's rows, and one all-reduce of two scalars gives the
+    global sum and count. The returned sum has the global value (so every rank sees the
+    same loss and skips the same steps) and the gradient of the rank's own share."""
+
+    def __init__(self, loss_fn, world: World):
+        self.loss_fn = loss_fn
+        self.world = world
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        rows = batch["input_ids"].shape[0]
+        share = {
+            k: v.tensor_split(self.world.size)[self.world.rank]
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows
+            else v
+            for k, v in batch.items()
+        }
+        local_sum, local_count = self.loss_fn(share)
+        totals = torch.tensor(
+            [float(local_sum.detach()), float(local_count)],
+            dtype=torch.float64,
+            device=_collective_device(),
+        )
+        dist.all_reduce(totals)
+        global_sum = totals[0].to(local_sum.device, local_sum.dtype)
+        return local_sum + (global_sum - local_sum.detach()), int(totals[1].item())
