@@ -96,13 +96,9 @@ def test_lomo_paper_table_1_in_shape():
     assert abs(got["lomo"].parts["weights"] / GiB - 12.55) < 0.01
 
 
-# Known gap since main's 563a19c (non-finite gating in the hook, loss through the head
-# module): with the tied shape at 1 x 64 and checkpointing the simulation of lomo and
-# adalomo peaks 31% above the formulas (est/sim 0.76); not yet re-derived.
-FUSED_GAP = pytest.mark.xfail(strict=True, reason="tied 1x64 after 563a19c: est/sim 0.76")
 MATRIX_METHODS = [
-    pytest.param("lomo", marks=FUSED_GAP),
-    pytest.param("adalomo", marks=FUSED_GAP),
+    "lomo",
+    "adalomo",
     "mezo",
     "sgd",
     "adamw",

@@ -127,15 +127,14 @@ class OptimizerEngine:
         if not with_grad:
             return []
         device = local_shard(with_grad[0][1])[0].device
-        # Sharded: each rank checks its own rows; one all-reduce of the flags names them all.
-        bad = torch.stack(
-            [
-                local_shard(g)[0].sum().isfinite().logical_not().float().to(device)
-                for _, g in with_grad
-            ]
+        # Sharded: each rank checks its own rows; one all-reduce of the flags names them
+        # all: a tensor is finite when every rank's part is (the flags sum to the ranks).
+        finite = torch.stack(
+            [local_shard(g)[0].sum().isfinite().float().to(device) for _, g in with_grad]
         )
-        bad = sum_over_ranks(bad).tolist()
-        return [n for (n, _), b in zip(with_grad, bad, strict=True) if b > 0]
+        ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        counts = sum_over_ranks(finite).tolist()
+        return [n for (n, _), c in zip(with_grad, counts, strict=True) if c < ranks]
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Optimizer state as (tensors keyed 'index/key', JSON-able rest); the state of
