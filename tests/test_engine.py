@@ -275,3 +275,40 @@ def test_lomo_equals_the_reference_lomo_optim(weight_decay):
     for b in batches:
         lomo.fused_backward(mean_loss(ref, b), lr=0.5)
     params_close(model, ref)
+
+
+@pytest.mark.parametrize("rule_name", ["lomo", "adalomo"])
+def test_fp16_with_exact_clipping_matches_fp32_on_the_unscaled_clipped_gradient(rule_name):
+    """fp16 weights, loss scale 256, exact clipping at a norm the gradient exceeds: the
+    update equals the fp32 rule applied to the unscaled gradient clipped with
+    clip_grad_norm_ (to fp16 rounding of the weights)."""
+    from lomotune.optim.adalomo import AdaLomoRule
+
+    def make_rule():
+        return LomoRule() if rule_name == "lomo" else AdaLomoRule()
+
+    model = tiny_llama(dtype=torch.float16)
+    ref = tiny_llama(dtype=torch.float16).float()
+    b = make_batches(1)[0]
+    clip = ClipConfig(mode="exact", max_norm=0.1)
+    engine = FusedEngine(
+        model, make_rule(), lambda x: causal_lm_loss(model, x, 7), clip=clip,
+        loss_scale=DynamicLossScale(256.0, 10),
+    )  # fmt: skip
+    lr = 0.5 if rule_name == "lomo" else 0.05
+    r = engine.step([b], lr=lr)
+    assert r.skipped is None
+    mean_loss(ref, b).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 0.1))
+    assert norm > 0.1 and r.grad_norm == pytest.approx(norm, rel=2e-2)
+    rule = make_rule()
+    ok = torch.tensor(True)
+    with torch.no_grad():
+        for p in ref.parameters():
+            rule.apply(p, p.grad.clone(), rule.init_state(p), lr, 1, ok)
+    start = tiny_llama(dtype=torch.float16).float()
+    for (name, p), q, s in zip(
+        model.named_parameters(), ref.parameters(), start.parameters(), strict=True
+    ):
+        step = (q - s).abs().max()
+        assert (p.float() - q).abs().max() <= 0.05 * step + 2e-3, name
