@@ -302,9 +302,51 @@ def estimate(
 
 
 @app.command(name="eval")
-def evaluate() -> None:
-    """Score a model on SuperGLUE (not available yet)."""
-    fail("`lomotune eval` is not available yet in this version", 2)
+def evaluate(
+    model: Annotated[
+        str, typer.Option(help="run folder, model folder, adapter folder, alias or hub id")
+    ],
+    tasks: Annotated[
+        str, typer.Option(help="boolq,cb,copa,multirc,record,rte,wic,wsc or superglue")
+    ],
+    data_dir: Annotated[
+        Path | None, typer.Option(help="SuperGLUE folder (official or hub layout); else the hub")
+    ] = None,
+    split: Annotated[str, typer.Option(help="val | train | test")] = "val",
+    limit: Annotated[int | None, typer.Option(help="the first N examples of each task")] = None,
+    batch_size: Annotated[int, typer.Option(help="contexts (and choice rows) per forward")] = 8,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16")] = "auto",
+    protocol: Annotated[
+        str, typer.Option(help="harness (lm-eval 0.4.13) | lomo (LOMO paper)")
+    ] = "harness",
+    num_fewshot: Annotated[int, typer.Option(help="solved train examples before each")] = 0,
+    output: Annotated[Path | None, typer.Option(help="write results + predictions as JSON")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --output file")] = False,
+) -> None:
+    """Score a model on SuperGLUE by the log-likelihood of each answer."""
+    from lomotune.evaluate.command import EvalOptions, run_eval
+    from lomotune.evaluate.report import ScoringProgress, results_table
+    from lomotune.evaluate.task import EvalDataError
+    from lomotune.models import ModelError
+
+    opts = EvalOptions(
+        model,
+        tasks,
+        data_dir,
+        split,
+        limit,
+        batch_size,
+        precision,
+        protocol,
+        num_fewshot,
+        output,
+        overwrite,
+    )
+    try:
+        results = run_eval(opts, ScoringProgress())
+    except (EvalDataError, ModelError) as e:
+        fail(str(e), 2)
+    Console().print(results_table(results))
 
 
 def main() -> None:

@@ -1,0 +1,118 @@
+"""`lomotune eval`: load the model once, then read, score and measure each task."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lomotune.evaluate.loading import load_for_eval, resolve_precision
+from lomotune.evaluate.reading import read_split
+from lomotune.evaluate.report import ScoringProgress
+from lomotune.evaluate.run import (
+    TaskResult,
+    count_pairs,
+    evaluate_task,
+    fewshot_prefixes,
+    results_json,
+)
+from lomotune.evaluate.superglue import select_tasks
+from lomotune.evaluate.task import EvalDataError
+
+PROTOCOLS = ("harness", "lomo")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    model: str
+    tasks: str
+    data_dir: Path | None = None
+    split: str = "val"
+    limit: int | None = None
+    batch_size: int = 8
+    precision: str = "auto"
+    protocol: str = "harness"
+    num_fewshot: int = 0
+    output: Path | None = None
+    overwrite: bool = False
+
+
+def check_options(opts: EvalOptions) -> None:
+    """Every problem with the options at once, before a model is loaded."""
+    problems = []
+    if opts.protocol not in PROTOCOLS:
+        problems.append(f"--protocol {opts.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    if opts.batch_size < 1:
+        problems.append(f"--batch-size {opts.batch_size}: give 1 or more")
+    if opts.limit is not None and opts.limit < 1:
+        problems.append(f"--limit {opts.limit}: give 1 or more, or leave it out for all")
+    if opts.num_fewshot < 0:
+        problems.append(f"--num-fewshot {opts.num_fewshot}: give 0 or more")
+    if opts.data_dir is not None and not opts.data_dir.is_dir():
+        problems.append(f"--data-dir {opts.data_dir} is not a folder")
+    if opts.output is not None and opts.output.exists() and not opts.overwrite:
+        problems.append(f"--output {opts.output} exists; choose another file or pass --overwrite")
+    try:
+        select_tasks(opts.tasks)
+    except EvalDataError as e:
+        problems.append(f"--tasks: {e}")
+    if problems:
+        raise EvalDataError("; ".join(problems))
+
+
+def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
+    check_options(opts)
+    tasks = select_tasks(opts.tasks)
+    # All data is read (and checked) before the model is loaded: a bad line fails fast.
+    splits = {}
+    for task in tasks:
+        docs, source = read_split(task, opts.split, opts.data_dir)
+        splits[task.name] = (docs[: opts.limit] if opts.limit else docs, source)
+    pools = {}
+    if opts.num_fewshot:
+        for task in tasks:
+            same = opts.split == "train"
+            pools[task.name] = (
+                (splits[task.name][0], same)
+                if same
+                else (read_split(task, "train", opts.data_dir)[0], same)
+            )
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(opts.precision, device)
+    loaded = load_for_eval(opts.model, precision, device)
+
+    results = []
+    for task in tasks:
+        docs, source = splits[task.name]
+        prefixes = None
+        if opts.num_fewshot:
+            pool, same = pools[task.name]
+            prefixes = fewshot_prefixes(task, docs, pool, opts.num_fewshot, same_split=same)
+        progress.start(task.name, count_pairs(task, docs))
+        results.append(
+            evaluate_task(
+                loaded.model,
+                loaded.tokenizer,
+                task,
+                docs,
+                source=source,
+                batch_size=opts.batch_size,
+                prefixes=prefixes,
+                on_progress=progress.advance,
+            )
+        )
+        progress.finish()
+
+    if opts.output is not None:
+        config = {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+            "model_source": loaded.source,
+            "resolved_precision": precision,
+            "device": str(device),
+        }
+        opts.output.parent.mkdir(parents=True, exist_ok=True)
+        opts.output.write_text(json.dumps(results_json(results, config), indent=1) + "\n")
+    return results

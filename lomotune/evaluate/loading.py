@@ -1,0 +1,70 @@
+"""What `lomotune eval --model` accepts, loaded through models.load_model.
+
+A lomotune run folder (its final `model/` is used), any Hugging Face model folder, a
+hub id, a built-in alias, or a PEFT LoRA adapter folder (a qlora-sgd run's model): the
+base named in the adapter's config is loaded and the adapter applied. QLoRA adapters are
+applied over the base in the chosen precision, not over a 4-bit copy of it (as
+`lomotune export --merge` does), so that eval needs no bitsandbytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lomotune.export import adapter_base_model
+from lomotune.models import LoadedModel, ModelError, load_model
+from lomotune.recipe import ModelConfig
+
+EVAL_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """auto -> bf16 where the hardware computes in bf16 (CUDA with native bf16, a CPU
+    with AVX512_BF16 or AMX), else fp32 (torch emulates bf16 many times slower)."""
+    if requested not in EVAL_PRECISIONS:
+        raise ModelError(f"--precision {requested!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if native else "fp32"
+
+
+def model_folder(name: str) -> str:
+    """A run folder -> its final model folder; anything else unchanged."""
+    path = Path(name).expanduser()
+    if path.is_dir() and not _is_model(path):
+        if _is_model(path / "model"):
+            return str(path / "model")
+        raise ModelError(
+            f"{path} holds neither a model (config.json), an adapter (adapter_config.json), "
+            "nor a finished run's model/ folder; point --model at one of those"
+        )
+    return name
+
+
+def load_for_eval(name: str, precision: str, device: torch.device) -> LoadedModel:
+    """Load `name` (see the module docstring) in `precision` (already resolved)."""
+    name = model_folder(name)
+    path = Path(name).expanduser()
+    adapter = path.is_dir() and (path / "adapter_config.json").exists()
+    base = adapter_base_model(path) if adapter else name
+    if base is None:
+        raise ModelError(f"{path}/adapter_config.json names no base model to apply it to")
+    cfg = ModelConfig(name=base, precision=precision, activation_checkpointing=False)
+    loaded = load_model(cfg, device)
+    if adapter:
+        from peft import PeftModel
+
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(path)).to(device)
+        loaded.source = f"{base} + adapter {path}"
+    loaded.model.eval()
+    return loaded
+
+
+def _is_model(path: Path) -> bool:
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
