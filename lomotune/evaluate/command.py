@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from lomotune.evaluate import lomo_protocol
 from lomotune.evaluate.loading import load_for_eval, resolve_precision
 from lomotune.evaluate.reading import read_split
 from lomotune.evaluate.report import ScoringProgress
@@ -50,6 +51,8 @@ def check_options(opts: EvalOptions) -> None:
         problems.append(f"--limit {opts.limit}: give 1 or more, or leave it out for all")
     if opts.num_fewshot < 0:
         problems.append(f"--num-fewshot {opts.num_fewshot}: give 0 or more")
+    if opts.num_fewshot and opts.protocol == "lomo":
+        problems.append("--num-fewshot: the lomo protocol is zero-shot (as the LOMO paper's)")
     if opts.data_dir is not None and not opts.data_dir.is_dir():
         problems.append(f"--data-dir {opts.data_dir} is not a folder")
     if opts.output is not None and opts.output.exists() and not opts.overwrite:
@@ -69,6 +72,8 @@ def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
     splits = {}
     for task in tasks:
         docs, source = read_split(task, opts.split, opts.data_dir)
+        if opts.protocol == "lomo":
+            docs = lomo_protocol.sample(docs)
         splits[task.name] = (docs[: opts.limit] if opts.limit else docs, source)
     pools = {}
     if opts.num_fewshot:
@@ -87,6 +92,22 @@ def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
     results = []
     for task in tasks:
         docs, source = splits[task.name]
+        if opts.protocol == "lomo":
+            prompt = lomo_protocol.PROMPTS[task.name]
+            progress.start(task.name, sum(len(prompt.choices(d)) for d in docs))
+            results.append(
+                lomo_protocol.evaluate_lomo(
+                    loaded.model,
+                    loaded.tokenizer,
+                    task,
+                    docs,
+                    source_name=source,
+                    batch_size=opts.batch_size,
+                    on_progress=progress.advance,
+                )
+            )
+            progress.finish()
+            continue
         prefixes = None
         if opts.num_fewshot:
             pool, same = pools[task.name]
