@@ -71,8 +71,13 @@ class DataConfig(Section):
     completion_field: str = "completion"
     text_field: str = "text"
     messages_field: str = "messages"
-    # Built-in generated datasets: how many examples.
+    # Built-in generated datasets: how many examples; superglue:TASK: at most this many
+    # train examples (a seed-0 sample, as the LOMO repository takes its 1000).
     num_examples: int = Field(2000, ge=1)
+    superglue_dir: str | None = Field(
+        None,
+        description="SuperGLUE files (official or hub layout) for superglue:TASK; else the hub",
+    )
 
 
 class ClipConfig(Section):
@@ -406,6 +411,9 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         candidate = base / src
         if candidate.exists():
             recipe.data.source = str(candidate)
+    folder = recipe.data.superglue_dir
+    if folder is not None and not Path(folder).is_absolute() and (base / folder).is_dir():
+        recipe.data.superglue_dir = str(base / folder)
     name = recipe.model.name
     if (name.startswith(".") or "/" in name) and not Path(name).is_absolute():
         candidate = base / name

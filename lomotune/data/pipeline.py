@@ -104,14 +104,24 @@ def prepare_data(
 
 def _prepare(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     stats = DataStats(source=cfg.source, format=cfg.format)
-    raw = read_source(cfg.source, cfg.split, num_examples=cfg.num_examples, seed=seed)
+    raw = read_source(
+        cfg.source,
+        cfg.split,
+        num_examples=cfg.num_examples,
+        seed=seed,
+        superglue_dir=cfg.superglue_dir,
+    )
     train_rows, bad = render_rows(raw, cfg, tokenizer)
     stats.rows_read, stats.bad_rows_skipped = len(raw.rows), bad.count
     _require_rows(train_rows, raw)
 
     if cfg.eval_split is not None:
         raw_eval = read_eval_source(
-            cfg.source, cfg.eval_split, num_examples=cfg.num_examples, seed=seed
+            cfg.source,
+            cfg.eval_split,
+            num_examples=cfg.num_examples,
+            seed=seed,
+            superglue_dir=cfg.superglue_dir,
         )
         eval_rows, bad_eval = render_rows(raw_eval, cfg, tokenizer)
         stats.rows_read += len(raw_eval.rows)

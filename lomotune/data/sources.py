@@ -21,7 +21,9 @@ from lomotune.data import builtin
 from lomotune.data.errors import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
-SOURCE_FORMS = "a file (.jsonl, .json, .csv, .parquet), hub:org/name, or builtin:NAME"
+SOURCE_FORMS = (
+    "a file (.jsonl, .json, .csv, .parquet), hub:org/name, builtin:NAME, or superglue:TASK"
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,19 @@ class RawRows:
         return list(seen)
 
 
-def read_source(source: str, split: str = "train", *, num_examples: int, seed: int) -> RawRows:
-    """Rows of `split` of `source` (file, hub:org/name, builtin:NAME)."""
+def read_source(
+    source: str,
+    split: str = "train",
+    *,
+    num_examples: int,
+    seed: int,
+    superglue_dir: str | None = None,
+) -> RawRows:
+    """Rows of `split` of `source` (file, hub:org/name, builtin:NAME, superglue:TASK)."""
+    if source.startswith("superglue:"):
+        from lomotune.data.superglue import read_superglue
+
+        return read_superglue(source, split, superglue_dir, max_examples=num_examples)
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         rows = builtin.generate(name, num_examples, seed)
@@ -64,9 +77,21 @@ def read_source(source: str, split: str = "train", *, num_examples: int, seed: i
     return read_file(path)
 
 
-def read_eval_source(source: str, eval_split: str, *, num_examples: int, seed: int) -> RawRows:
-    """Rows of the held-out split: a second split of a hub dataset, or a second file
-    next to a local one (a relative path is tried next to the source file first)."""
+def read_eval_source(
+    source: str,
+    eval_split: str,
+    *,
+    num_examples: int,
+    seed: int,
+    superglue_dir: str | None = None,
+) -> RawRows:
+    """Rows of the held-out split: a second split of a hub or SuperGLUE dataset, or a
+    second file next to a local one (a relative path is tried next to the source file
+    first)."""
+    if source.startswith("superglue:"):
+        from lomotune.data.superglue import read_superglue
+
+        return read_superglue(source, eval_split, superglue_dir, max_examples=None)
     if source.startswith("builtin:"):
         raise DataError(
             f"data.eval_split: {source} is generated and has a single split. Remove "
