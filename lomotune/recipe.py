@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # auto: bf16 where the hardware computes in it natively, else fp32 (see precision.py).
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -185,6 +185,22 @@ class TrainingConfig(Section):
     # (built-in tasks and prompt-completion data).
     generate_eval_examples: int = Field(0, ge=0)
     generate_max_new_tokens: int = Field(16, ge=1)
+    # SuperGLUE tasks scored (log-likelihood, as `lomotune eval`) on their val split at
+    # each eval and at the end; files from data.superglue_dir, else the hub.
+    eval_tasks: list[str] = Field(default_factory=list)
+    eval_tasks_limit: int | None = Field(None, ge=1, description="first N val examples a task")
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from lomotune.evaluate.superglue import TASKS
+
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(
+                f"unknown SuperGLUE task {', '.join(unknown)}; choose from {', '.join(TASKS)}"
+            )
+        return tasks
 
 
 class HardwareConfig(Section):

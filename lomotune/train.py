@@ -40,6 +40,7 @@ from lomotune.checkpoint import (
 from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
 from lomotune.data import BatchLoader, PreparedData, prepare_data
 from lomotune.distributed import World, any_rank, share_from_main
+from lomotune.evaluate.during_training import task_metrics
 from lomotune.evaluate.exact_match import exact_match
 from lomotune.models import (
     LoadedModel,
@@ -558,8 +559,21 @@ def evaluate_loss(run: Run) -> float | None:
     model.train()
     eval_loss = total / max(n, 1)
     run.results["eval_loss"] = eval_loss
-    run.metrics.eval(run.state.step, {"eval_loss": eval_loss})
-    run.dashboard.update_eval(run.state.step, {"eval_loss": eval_loss})
+    metrics = {"eval_loss": eval_loss}
+    if run.recipe.training.eval_tasks:
+        metrics.update(
+            task_metrics(
+                model,
+                run.loaded.tokenizer,
+                run.recipe.training.eval_tasks,
+                run.recipe.data.superglue_dir,
+                batch_size=run.recipe.training.batch_size,
+                limit=run.recipe.training.eval_tasks_limit,
+            )
+        )
+        run.results.update(metrics)
+    run.metrics.eval(run.state.step, metrics)
+    run.dashboard.update_eval(run.state.step, metrics)
     return eval_loss
 
 

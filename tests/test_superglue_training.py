@@ -79,3 +79,38 @@ def test_shipped_superglue_recipe_trains_tiny_and_evaluates(tmp_path, task):
     )  # fmt: skip
     assert scored.exit_code == 0, scored.output
     assert "acc" in json.loads((tmp_path / "r.json").read_text())["results"][task]
+
+
+def test_eval_tasks_are_scored_at_each_eval(tmp_path):
+    from lomotune.dashboard import read_metrics
+
+    out = tmp_path / "run"
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            str(RECIPES / "superglue-rte-lomo.yaml"),
+            "model.name=tiny-llama",
+            "model.precision=fp32",
+            f"data.superglue_dir={FIXTURES}",
+            "data.split=val",
+            "training.max_steps=2",
+            "training.eval_every=1",
+            "training.eval_tasks=[rte, cb]",
+            f"training.output_dir={out}",
+            "--plain",
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert len(evals) >= 2
+    for record in evals:
+        assert 0.0 <= record["rte_acc"] <= 1.0 and "cb_f1" in record
+    assert "rte acc" in trained.output or "rte_acc" in trained.output
+
+
+def test_unknown_eval_task_is_a_recipe_error(tmp_path):
+    bad = runner.invoke(
+        app, ["train", str(RECIPES / "superglue-rte-lomo.yaml"), "training.eval_tasks=[glue]"]
+    )
+    assert bad.exit_code == 2 and "unknown SuperGLUE task glue" in bad.output
