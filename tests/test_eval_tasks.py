@@ -185,3 +185,19 @@ def test_real_multirc_has_one_doc_per_answer():
     )
     read, _ = read_split(TASKS["multirc"], "val", REAL)
     assert len(read) == answers
+
+
+def test_fewshot_prefixes_are_solved_examples_never_the_doc_itself():
+    from lomotune.evaluate.run import fewshot_prefixes
+
+    task = TASKS["cb"]
+    pool = docs("cb")
+    prefixes = fewshot_prefixes(task, pool, pool, 2, same_split=True)
+    solved = {
+        d["idx"]: task.context(d) + " " + ["True", "False", "Neither"][d["label"]] + "\n\n"
+        for d in pool
+    }
+    for doc, prefix in zip(pool, prefixes, strict=True):
+        others = [text for idx, text in solved.items() if idx != doc["idx"]]
+        assert prefix in (others[0] + others[1], others[1] + others[0])
+    assert fewshot_prefixes(task, pool, pool, 0, same_split=True) == ["", "", ""]

@@ -69,21 +69,15 @@ def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
     check_options(opts)
     tasks = select_tasks(opts.tasks)
     # All data is read (and checked) before the model is loaded: a bad line fails fast.
-    splits = {}
+    splits, pools = {}, {}
     for task in tasks:
         docs, source = read_split(task, opts.split, opts.data_dir)
+        if opts.num_fewshot:  # solved examples come from train, as the harness's do
+            same = opts.split == "train"
+            pools[task.name] = docs if same else read_split(task, "train", opts.data_dir)[0]
         if opts.protocol == "lomo":
             docs = lomo_protocol.sample(docs)
         splits[task.name] = (docs[: opts.limit] if opts.limit else docs, source)
-    pools = {}
-    if opts.num_fewshot:
-        for task in tasks:
-            same = opts.split == "train"
-            pools[task.name] = (
-                (splits[task.name][0], same)
-                if same
-                else (read_split(task, "train", opts.data_dir)[0], same)
-            )
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(opts.precision, device)
@@ -95,26 +89,27 @@ def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
         if opts.protocol == "lomo":
             prompt = lomo_protocol.PROMPTS[task.name]
             progress.start(task.name, sum(len(prompt.choices(d)) for d in docs))
-            results.append(
-                lomo_protocol.evaluate_lomo(
-                    loaded.model,
-                    loaded.tokenizer,
+            result = lomo_protocol.evaluate_lomo(
+                loaded.model,
+                loaded.tokenizer,
+                task,
+                docs,
+                source_name=source,
+                batch_size=opts.batch_size,
+                on_progress=progress.advance,
+            )
+        else:
+            prefixes = None
+            if opts.num_fewshot:
+                prefixes = fewshot_prefixes(
                     task,
                     docs,
-                    source_name=source,
-                    batch_size=opts.batch_size,
-                    on_progress=progress.advance,
+                    pools[task.name],
+                    opts.num_fewshot,
+                    same_split=opts.split == "train",
                 )
-            )
-            progress.finish()
-            continue
-        prefixes = None
-        if opts.num_fewshot:
-            pool, same = pools[task.name]
-            prefixes = fewshot_prefixes(task, docs, pool, opts.num_fewshot, same_split=same)
-        progress.start(task.name, count_pairs(task, docs))
-        results.append(
-            evaluate_task(
+            progress.start(task.name, count_pairs(task, docs))
+            result = evaluate_task(
                 loaded.model,
                 loaded.tokenizer,
                 task,
@@ -124,8 +119,8 @@ def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
                 prefixes=prefixes,
                 on_progress=progress.advance,
             )
-        )
         progress.finish()
+        results.append(result)
 
     if opts.output is not None:
         config = {
