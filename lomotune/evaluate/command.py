@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lomotune.evaluate import lomo_protocol
-from lomotune.evaluate.loading import load_for_eval, resolve_precision
+from lomotune.evaluate.loading import EVAL_PRECISIONS, load_for_eval
 from lomotune.evaluate.reading import read_split
 from lomotune.evaluate.report import ScoringProgress
 from lomotune.evaluate.run import (
@@ -21,6 +21,7 @@ from lomotune.evaluate.run import (
 )
 from lomotune.evaluate.superglue import select_tasks
 from lomotune.evaluate.task import EvalDataError
+from lomotune.precision import resolve_precision
 
 PROTOCOLS = ("harness", "lomo")
 
@@ -45,6 +46,10 @@ def check_options(opts: EvalOptions) -> None:
     problems = []
     if opts.protocol not in PROTOCOLS:
         problems.append(f"--protocol {opts.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    if opts.precision not in EVAL_PRECISIONS:
+        problems.append(
+            f"--precision {opts.precision!r}: choose one of {', '.join(EVAL_PRECISIONS)}"
+        )
     if opts.batch_size < 1:
         problems.append(f"--batch-size {opts.batch_size}: give 1 or more")
     if opts.limit is not None and opts.limit < 1:
@@ -80,7 +85,10 @@ def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
         splits[task.name] = (docs[: opts.limit] if opts.limit else docs, source)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(opts.precision, device)
+    choice = resolve_precision(opts.precision, device)
+    if choice.warning:
+        progress.warn(choice.warning.replace("model.precision", "--precision"))
+    precision = choice.precision
     loaded = load_for_eval(opts.model, precision, device)
 
     results = []

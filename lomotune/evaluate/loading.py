@@ -17,21 +17,7 @@ from lomotune.export import adapter_base_model
 from lomotune.models import LoadedModel, ModelError, load_model
 from lomotune.recipe import ModelConfig
 
-EVAL_PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto -> bf16 where the hardware computes in bf16 (CUDA with native bf16, a CPU
-    with AVX512_BF16 or AMX), else fp32 (torch emulates bf16 many times slower)."""
-    if requested not in EVAL_PRECISIONS:
-        raise ModelError(f"--precision {requested!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    else:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if native else "fp32"
+EVAL_PRECISIONS = ("auto", "fp32", "bf16")  # fp16 needs care a forward pass need not take
 
 
 def model_folder(name: str) -> str:
@@ -48,7 +34,7 @@ def model_folder(name: str) -> str:
 
 
 def load_for_eval(name: str, precision: str, device: torch.device) -> LoadedModel:
-    """Load `name` (see the module docstring) in `precision` (already resolved)."""
+    """Load `name` (see the module docstring) in `precision` (resolved: fp32 or bf16)."""
     name = model_folder(name)
     path = Path(name).expanduser()
     adapter = path.is_dir() and (path / "adapter_config.json").exists()

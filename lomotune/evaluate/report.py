@@ -29,6 +29,9 @@ class ScoringProgress:
         self.live = sys.stderr.isatty() if live is None else live
         self._bar: Progress | None = None
 
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
     def start(self, task: str, total: int) -> None:
         self.task, self.total, self.done, self.next_line = task, total, 0, 0.1
         self.started = time.perf_counter()
