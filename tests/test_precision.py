@@ -14,6 +14,7 @@ def fake_cpu(monkeypatch, *, bf16: bool, amx: bool = False, level: str = "AVX512
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: level)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the machine's own setting
 
 
 def test_avx2_only_cpu_gets_fp32(monkeypatch):
