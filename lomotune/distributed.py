@@ -18,6 +18,14 @@ What each method does with N processes:
   reduce-scatter: no rank ever holds a full gradient.
 - mezo: data parallel, every rank holds the whole model; the perturbations come from the
   shared seed, so only the two scalar losses of a direction are summed over ranks.
+- qlora-sgd (and mezo with adapters): data parallel over the adapters. bitsandbytes'
+  4-bit weights (packed uint8 with a quantization state beside them) are not tensors
+  FSDP2 can cut into dim-0 shards, so every rank holds the frozen 4-bit base whole; an
+  adapter's gradient is summed over ranks in its hook, before the fused update.
+- adam-mini: data parallel, gradients summed over ranks before `optimizer.step()`.
+  Adam-mini's own sharded path all-reduces its norm statistics through
+  `torch.cuda.current_device()` even for CPU tensors, so it cannot run sharded on CPU,
+  and on GPUs it is untested here: every rank keeps the whole model and its state.
 
 Data: every rank reads the same global batch (same loader, same seed) and computes the
 loss of its contiguous share of the rows (`DataParallelLoss`); gradients are summed over
@@ -31,7 +39,7 @@ import math
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -42,7 +50,9 @@ from lomotune.recipe import HardwareConfig, Recipe
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 # Methods that run on several processes, and how.
 SHARDED_METHODS = ("lomo", "sgd", "adamw")  # FSDP2
-REPLICATED_METHODS = ("mezo",)  # data parallel, scalar losses summed
+# Data parallel: every rank holds the whole model; mezo sums its scalar losses, the others
+# their gradients.
+REPLICATED_METHODS = ("mezo", "qlora-sgd", "adam-mini")
 
 
 class LaunchError(Exception):
@@ -60,6 +70,9 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    # The process group was created by `join` (and `leave` destroys it); a caller that
+    # made its own (a program running several trainings) keeps it.
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -121,6 +134,14 @@ def launch(recipe: Recipe, argv: list[str]) -> None:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         elastic_launch(config, sys.executable)("-m", "lomotune", *argv)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise LaunchError(
+            f"hardware.master_port: {hw.master_port} on {hw.master_addr} is in use (another "
+            "run?). Pass --master-port with a free port, the same on every machine",
+            2,
+        ) from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         how = (
@@ -142,7 +163,8 @@ def launch(recipe: Recipe, argv: list[str]) -> None:
 
 
 def join(recipe: Recipe) -> World:
-    """The process group of a launched run (World() when alone). Call `leave` at the end."""
+    """The process group of a launched run (World() when alone); an existing one (made by
+    the program that calls `train`) is used as it is. Call `leave(world)` at the end."""
     if not under_launcher():
         return ALONE
     world = World(
@@ -155,15 +177,16 @@ def join(recipe: Recipe) -> World:
     on_gpu = recipe.hardware.gpus != 0 and torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(world.local_rank)
-    if not dist.is_initialized():
-        # A peer that died is noticed by the launcher within a second; the timeout only
-        # bounds a hang that no process death explains.
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=10))
-    return world
-
-
-def leave() -> None:
     if dist.is_initialized():
+        return world
+    # A peer that died is noticed by the launcher within a second; the timeout only
+    # bounds a hang that no process death explains.
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=10))
+    return replace(world, owns_group=True)
+
+
+def leave(world: World) -> None:
+    if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -250,8 +273,6 @@ def refusal(recipe: Recipe, world_size: int) -> str | None:
             f"optimizer.name: {name} does not run on several processes yet (these do: {works}). "
             "Use one of them, or one process (hardware.gpus: 1, or gpus: 0 with processes: 1)"
         )
-    if recipe.optimizer.lora is not None:
-        return "optimizer.lora: LoRA adapters do not run on several processes yet; remove optimizer.lora or use one process"
     if recipe.training.batch_size < world_size:
         return (
             f"training.batch_size: {recipe.training.batch_size} rows cannot be split over "
@@ -264,8 +285,9 @@ def refusal(recipe: Recipe, world_size: int) -> str | None:
 
 def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World):
     """Shard `model` in place for methods that shard (FSDP2: each decoder layer a unit,
-    the rest the root unit) and return the loss function every engine calls: the rank's
-    share of each batch, summed over ranks (`DataParallelLoss`)."""
+    the rest the root unit), or make its replicas equal for the others, and return the
+    loss function every engine calls: the rank's share of each batch, summed over ranks
+    (`DataParallelLoss`)."""
     if recipe.optimizer.name in SHARDED_METHODS:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -283,6 +305,11 @@ def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World):
         model.lomotune_loss = loss_fn
         register_fsdp_forward_method(model, "lomotune_loss")
         loss_fn = model.lomotune_loss
+    else:
+        # Replicas must start equal (as DDP makes them): rank 0's trainable weights.
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
     return DataParallelLoss(loss_fn, world)
 
 
@@ -335,6 +362,17 @@ def shard_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if not isinstance(param, DTensor):
         return t
     return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+
+
+def sum_replicated_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of a parameter every rank holds whole (data parallel), summed over
+    ranks in place: each rank's is of its own rows of the batch. A sharded gradient
+    (FSDP2's reduce-scatter summed it already) and a single process: as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(grad, DTensor) and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(grad)
+    return grad
 
 
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:

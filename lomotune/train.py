@@ -126,7 +126,7 @@ def train(
     try:
         return train_in(world, recipe, overwrite=overwrite, resume=resume, force=force, live=live)
     finally:
-        distributed.leave()
+        distributed.leave(world)
 
 
 def train_in(

@@ -1,14 +1,21 @@
 """Several processes on CPU (gloo, 2 processes, the tiny model), started the ways a user
 starts them: `lomotune train` with hardware.processes: 2 (torch's elastic launcher),
-and `torchrun -m lomotune train`.
+and torchrun.
 
-Two processes with the global batch split between them must end where one process with
-the whole batch ends (1e-5, fp32); their checkpoints resume on 1 and on 2 processes; a
-rank that is killed ends the run within seconds, with a message."""
+For every method, two processes with the global batch split between them must end where
+one process with the whole batch ends (1e-5, fp32), and checkpoints written by 2
+processes continue on 1 and those written by 1 continue on 2, again to the same weights
+and optimizer state; a rank that is killed ends the run within seconds, with a message.
+
+Starting two processes costs more than the tiny trainings themselves (each imports
+torch and transformers), so one torchrun start runs every method's 2-process commands
+(`several_trainings.py`), and the tests below read what they left."""
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,15 +30,17 @@ from lomotune.cli import app
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "lomotune" / "recipes" / "tiny.yaml")
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 runner = CliRunner()
 COMMON = [
     "hardware.gpus=0",
     "hardware.threads=1",
-    "data.num_examples=40",
+    "data.num_examples=24",
     "training.eval_every=2",
     "training.save_every=2",
     "training.keep_checkpoints=5",
     "model.precision=fp32",
+    "--plain",
 ]
 METHODS = {
     # lomo under FSDP2 with the global norm clipped: the norm is summed over ranks.
@@ -42,7 +51,27 @@ METHODS = {
               "optimizer.clip.max_norm=0.5"],
     # mezo: data parallel, only the losses are summed.
     "mezo": ["optimizer.name=mezo", "optimizer.lr=1e-3", "optimizer.zo_directions=2"],
+    # adam-mini: data parallel, gradients summed before its step (norm blocks included).
+    "adam-mini": ["optimizer.name=adam-mini", "optimizer.lr=1e-3"],
+    # qlora-sgd: data parallel over the adapters, summed in the fused hook; no dropout,
+    # whose masks would differ between one process's rows and two processes' halves.
+    "qlora-sgd": ["optimizer.name=qlora-sgd", "optimizer.lr=0.05", "optimizer.lora.r=4",
+                  "optimizer.lora.dropout=0", "optimizer.clip.mode=exact"],
 }  # fmt: skip
+STEPS, RESUMED_STEPS = 2, 3  # the first run ends with a checkpoint at STEPS
+
+
+def train_args(out: Path, method: str, steps: int, *flags: str) -> list[str]:
+    return ["train", TINY, f"training.output_dir={out}", f"training.max_steps={steps}",
+            *COMMON, *METHODS[method], *flags]  # fmt: skip
+
+
+def in_process(out: Path, method: str, steps: int, *flags: str):
+    with pytest.MonkeyPatch.context() as patch:  # no PNG: a second of matplotlib a run
+        patch.setattr("lomotune.train.plot_quietly", lambda run: None)
+        result = runner.invoke(app, train_args(out, method, steps, *flags))
+    assert result.exit_code == 0, result.output
+    return result
 
 
 def cli(*args: str, timeout: float = 240, launcher=(sys.executable, "-m", "lomotune")):
@@ -54,18 +83,43 @@ def cli(*args: str, timeout: float = 240, launcher=(sys.executable, "-m", "lomot
     )
 
 
-def in_process(out: Path, method: str, steps: int, *flags: str):
-    result = runner.invoke(
-        app,
-        ["train", TINY, f"training.output_dir={out}", f"training.max_steps={steps}",
-         *COMMON, *METHODS[method], "--plain", *flags],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return result
+def free_port() -> int:
+    """A port no one listens on: runs of other test sessions on this machine use 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every method: 1 process to step STEPS (in this process); then, in one torchrun
+    start of 2 processes, the same from scratch, and the 1-process checkpoint continued
+    to RESUMED_STEPS. Returns (the folder, torchrun's result)."""
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:  # a data cache of its own, as conftest's
+        patch.setenv("LOMOTUNE_CACHE", str(root / "cache"))
+        for method in METHODS:
+            in_process(root / "one" / method, method, STEPS)
+            shutil.copytree(root / "one" / method, root / "one-then-two" / method)
+        commands = [train_args(root / "two" / m, m, STEPS) for m in METHODS] + [
+            train_args(root / "one-then-two" / m, m, RESUMED_STEPS, "--resume") for m in METHODS
+        ]
+        (root / "commands.json").write_text(json.dumps(commands))
+        launched = cli(
+            "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "several_trainings.py"),
+            str(root / "commands.json"), launcher=(TORCHRUN,),
+        )  # fmt: skip
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    return root, launched
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
+    names = ["model.safetensors", "adapter_model.safetensors"]  # whole model, or adapters
+    return load_file(next(folder / n for n in names if (folder / n).exists()))
+
+
+def optimizer_state(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:06d}" / "optimizer.safetensors")
 
 
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -74,43 +128,36 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
 
 
+def train_losses(run: Path) -> list[float]:
+    rows = map(json.loads, (run / "metrics.jsonl").open())
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
 @pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes_equal_one_and_their_checkpoints_resume_on_one_or_two(tmp_path, method):
-    one, two = tmp_path / "one", tmp_path / "two"
-    in_process(one, method, 4)
-    launched = cli(
-        "train", TINY, f"training.output_dir={two}", "training.max_steps=4", "hardware.processes=2",
-        *COMMON, *METHODS[method], "--plain",
-    )  # fmt: skip
-    assert launched.returncode == 0, launched.stdout + launched.stderr
+def test_two_processes_equal_one_and_checkpoints_continue_on_one_or_two(runs, method):
+    root, _ = runs
+    one, two, one_then_two = (root / d / method for d in ("one", "two", "one-then-two"))
     assert_close(weights(two / "model"), weights(one / "model"))
     # The global loss, not a rank's share, is what every step reports.
-    losses = [[r["loss"] for r in map(json.loads, (d / "metrics.jsonl").open()) if r["kind"] == "train"]
-              for d in (one, two)]  # fmt: skip
-    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert train_losses(two) == pytest.approx(train_losses(one), abs=1e-5)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["peak_memory_spread"] >= 0
     assert "# world_size: 2" in (two / "recipe.yaml").read_text()
-    assert launched.stdout.count("summary:") == 1  # rank 0 alone prints
 
-    # The 2-process checkpoint continues on 1 process and ends where one process ends.
-    in_process(one, method, 6, "--resume")
-    in_process(two, method, 6, "--resume")
-    assert_close(weights(two / "model"), weights(one / "model"))
-    optimizer = [
-        load_file(d / "checkpoints" / "step-000006" / "optimizer.safetensors") for d in (one, two)
-    ]
-    assert_close(*optimizer)
-    if method == "lomo":  # and on 2 processes, from a checkpoint written by 1 (torchrun)
-        resumed = cli(
-            "--nproc-per-node", "2", "-m", "lomotune", "train", TINY, f"training.output_dir={one}",
-            "training.max_steps=8", *COMMON, *METHODS[method], "--plain", "--resume",
-            launcher=(str(Path(sys.executable).parent / "torchrun"),),
-        )  # fmt: skip
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        assert "resumed from" in resumed.stdout and resumed.stdout.count("summary:") == 1
-        in_process(two, method, 8, "--resume")
-        assert_close(weights(one / "model"), weights(two / "model"))
+    # A 2-process checkpoint continues on 1 process, a 1-process one on 2 (torchrun
+    # above): both end where 1 process ends, weights and optimizer state.
+    in_process(one, method, RESUMED_STEPS, "--resume")
+    in_process(two, method, RESUMED_STEPS, "--resume")
+    for other in (two, one_then_two):
+        assert_close(weights(other / "model"), weights(one / "model"))
+        assert_close(optimizer_state(other, RESUMED_STEPS), optimizer_state(one, RESUMED_STEPS))
+    assert train_losses(one_then_two) == pytest.approx(train_losses(one), abs=1e-5)
+
+
+def test_rank_0_alone_prints_and_each_resume_says_so(runs):
+    _, launched = runs
+    assert launched.stdout.count("summary:") == 2 * len(METHODS)
+    assert launched.stdout.count("resumed from") == len(METHODS)
 
 
 def test_a_killed_process_ends_the_run_within_seconds(tmp_path):
@@ -118,7 +165,8 @@ def test_a_killed_process_ends_the_run_within_seconds(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "lomotune", "train", TINY, f"training.output_dir={out}",
-         "training.max_steps=100000", "hardware.processes=2", *COMMON, "--plain"],
+         "training.max_steps=100000", "hardware.processes=2", *COMMON,
+         f"hardware.master_port={free_port()}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )  # fmt: skip
     try:
@@ -155,10 +203,26 @@ def test_a_method_that_does_not_shard_yet_is_refused_before_launching(tmp_path):
     result = runner.invoke(
         app,
         ["train", TINY, f"training.output_dir={tmp_path / 'run'}", "hardware.gpus=0",
-         "hardware.processes=2", "optimizer.name=adam-mini", "--plain"],
+         "hardware.processes=2", "optimizer.name=adalomo", "--plain"],
     )  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert "optimizer.name: adam-mini does not run on several processes yet (these do: lomo" in (
+    assert "optimizer.name: adalomo does not run on several processes yet (these do: lomo" in (
         result.output
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_master_port_in_use_is_named_with_the_fix(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(
+            app,
+            ["train", TINY, f"training.output_dir={tmp_path / 'run'}", "hardware.gpus=0",
+             "hardware.processes=2", "hardware.master_addr=127.0.0.1", f"--master-port={port}",
+             "--plain"],
+        )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"hardware.master_port: {port} on 127.0.0.1 is in use" in result.output
+    assert "Pass --master-port with a free port" in result.output

@@ -9,7 +9,13 @@ import io
 
 import torch
 
-from lomotune.distributed import local_shard, shard_like, sum_over_ranks, whole
+from lomotune.distributed import (
+    local_shard,
+    shard_like,
+    sum_over_ranks,
+    sum_replicated_gradient,
+    whole,
+)
 from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
 from lomotune.recipe import ClipConfig, OptimizerConfig
 
@@ -45,14 +51,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
                 or config.num_attention_heads,
                 verbose=False,
             )
-        # Adam-mini takes torch.cuda.device_count() as its world size and then
-        # all-gathers with no process group on any multi-GPU host: one process is one
-        # rank unless a process group exists.
-        optimizer.world_size = (
-            torch.distributed.get_world_size()
-            if torch.distributed.is_available() and torch.distributed.is_initialized()
-            else 1
-        )
+        # Adam-mini takes torch.cuda.device_count() as its world size and all-gathers its
+        # blocks' sizes over that many ranks, as if each held a shard. Here every
+        # parameter is whole on its rank (one process, or data parallel: its gradient is
+        # summed over ranks before the step), so it is one rank of its own.
+        optimizer.world_size = 1
         return optimizer
     raise ValueError(f"not a baseline optimizer: {cfg.name}")
 
@@ -92,6 +95,9 @@ class OptimizerEngine:
             (loss_sum / max(label_tokens, 1)).backward()
             total_loss += float(loss_sum.detach())
             tokens += count_tokens(batch)
+        for p in self.params:  # data parallel: each rank's rows summed (sharded: done)
+            if p.grad is not None:
+                sum_replicated_gradient(p.grad)
         result = StepResult(
             loss=total_loss / max(label_tokens, 1), tokens=tokens, loss_tokens=label_tokens
         )

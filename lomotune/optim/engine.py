@@ -38,7 +38,7 @@ from typing import Protocol
 
 import torch
 
-from lomotune.distributed import local_shard, sum_over_ranks
+from lomotune.distributed import local_shard, sum_over_ranks, sum_replicated_gradient
 from lomotune.optim.rounding import stochastic_round_into
 from lomotune.optim.seeds import mix64
 from lomotune.recipe import ClipConfig
@@ -280,7 +280,7 @@ class FusedEngine:
 
     def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            grad = param.grad
+            grad = sum_replicated_gradient(param.grad)  # data parallel: every rank's rows
             param.grad = None  # freed now, whatever happens below
             if self._mode == "norm":
                 self._sq_parts.append((index, local_shard(grad)[0].detach().float().pow(2).sum()))
