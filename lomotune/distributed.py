@@ -12,10 +12,11 @@ How a run with N processes starts:
          local rank
 
 What each method does with N processes:
-- lomo (and sgd, adamw): FSDP2 (`fully_shard`), each decoder layer a unit, the root
+- lomo, adalomo (and sgd, adamw): FSDP2 (`fully_shard`), each decoder layer a unit, the root
   (embeddings, final norm, head: tied weights stay in one unit) another. The fused
   update runs in FSDP's post-accumulate-grad hook on the rank's local shard, after the
-  reduce-scatter: no rank ever holds a full gradient.
+  reduce-scatter: no rank ever holds a full gradient. AdaLomo's statistics over a
+  matrix's rows (column means, RMS) are summed over ranks by the rule itself.
 - mezo: data parallel, every rank holds the whole model; the perturbations come from the
   shared seed, so only the two scalar losses of a direction are summed over ranks.
 - qlora-sgd (and mezo with adapters): data parallel over the adapters. bitsandbytes'
@@ -49,7 +50,7 @@ from lomotune.recipe import HardwareConfig, Recipe
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 # Methods that run on several processes, and how.
-SHARDED_METHODS = ("lomo", "sgd", "adamw")  # FSDP2
+SHARDED_METHODS = ("lomo", "adalomo", "sgd", "adamw")  # FSDP2
 # Data parallel: every rank holds the whole model; mezo sums its scalar losses, the others
 # their gradients.
 REPLICATED_METHODS = ("mezo", "qlora-sgd", "adam-mini")
@@ -362,6 +363,30 @@ def shard_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if not isinstance(param, DTensor):
         return t
     return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+
+
+def whole_rows(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A tensor of per-row state of which this rank holds the rows of its shard of
+    `param` (dim 0, cut as FSDP2 cuts `param`), gathered whole (a collective); as it is
+    when `param` is not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return t
+    shape = (param.shape[0], *t.shape[1:])
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+    return DTensor.from_local(
+        t, param.device_mesh, param.placements, run_check=False, shape=shape, stride=stride
+    ).full_tensor()
+
+
+def rows_of_rank(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a whole per-row state tensor of `param` (see `whole_rows`)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return t
+    return distribute_tensor(t.to(param.device), param.device_mesh, param.placements).to_local()
 
 
 def sum_replicated_gradient(grad: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ hard-coded `.cuda()` patched out (it fails on a CPU-only torch otherwise)."""
 
 import copy
 import math
+import threading
 
 import lomo_optim
 import pytest
@@ -203,3 +204,107 @@ def test_a_stack_of_expert_matrices_is_factored_per_matrix():
     for e in range(3):
         assert torch.allclose(stack[e], singles[e], rtol=1e-6, atol=0), e
     assert not torch.allclose(stack, torch.stack([s for s in singles]) * 0)  # it moved
+
+
+class ThreadedSum:
+    """An all-reduce among threads, one a rank: each rank's `sum_over_shards`."""
+
+    def __init__(self, ranks: int):
+        self.barrier = threading.Barrier(ranks)
+        self.parts: dict[int, torch.Tensor] = {}
+
+    def of_rank(self, rank: int):
+        def sum_over_shards(t: torch.Tensor) -> torch.Tensor:
+            self.parts[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(self.parts[r] for r in sorted(self.parts))
+            self.barrier.wait()  # every rank has read before the next sum overwrites
+            return total
+
+        return sum_over_shards
+
+
+def run_ranks(ranks: int, work) -> None:
+    errors = []
+
+    def guarded(rank):
+        try:
+            work(rank)
+        except BaseException as e:  # re-raised in the test's thread
+            errors.append(e)
+            raise
+
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (1, 4), (5,)])
+def test_rows_sharded_over_ranks_update_as_the_whole_tensor(shape):
+    """Cut by rows as FSDP2 cuts (torch.chunk: (5, 4) -> 3 + 2 rows, (1, 4) -> 1 + 0),
+    each rank's rule sees its rows only and sums its statistics over the ranks: three
+    steps (weight decay, clipping of U) end where the whole tensor's rule ends, weights,
+    row factors and column factors alike."""
+    torch.manual_seed(0)
+    param = torch.randn(shape)
+    grads = [torch.randn(shape) * s for s in (1.0, 30.0, 0.01)]  # 30: RMS(U) clips
+    kwargs = {"weight_decay": 0.1, "clip_threshold": 1.0}
+    whole_rule = AdaLomoRule(**kwargs)
+    whole, whole_state = param.clone(), whole_rule.init_state(param)
+    for step, g in enumerate(grads, start=1):
+        whole_rule.apply(whole, g.clone(), whole_state, 0.05, step, torch.tensor(True))
+
+    ranks = 2
+    params = list(param.clone().chunk(ranks)) + [param[:0].clone()] * (
+        ranks - len(param.chunk(ranks))
+    )
+    states = [None] * ranks
+    sums = ThreadedSum(ranks)
+
+    def work(rank):
+        rule = AdaLomoRule(**kwargs, sum_over_shards=sums.of_rank(rank))
+        states[rank] = rule.init_state(params[rank])
+        for step, g in enumerate(grads, start=1):
+            rows = list(g.chunk(ranks)) + [g[:0]] * (ranks - len(g.chunk(ranks)))
+            rule.apply(
+                params[rank], rows[rank].clone(), states[rank], 0.05, step, torch.tensor(True)
+            )
+
+    run_ranks(ranks, work)
+    torch.testing.assert_close(torch.cat(params), whole, rtol=0, atol=1e-6)
+    assert not torch.equal(whole, param)
+    if len(shape) == 2:
+        row = torch.cat([st["exp_avg_sq_row"] for st in states])
+        torch.testing.assert_close(row, whole_state["exp_avg_sq_row"], rtol=1e-6, atol=0)
+        for st in states:  # whole on every rank
+            torch.testing.assert_close(
+                st["exp_avg_sq_col"], whole_state["exp_avg_sq_col"], rtol=1e-6, atol=0
+            )
+    else:
+        v = torch.cat([st["exp_avg_sq"] for st in states])
+        torch.testing.assert_close(v, whole_state["exp_avg_sq"], rtol=1e-6, atol=0)
+
+
+def test_a_bad_gradient_on_one_rank_changes_nothing_on_any():
+    """The flag is summed with the statistics: a rank whose rows are all finite still
+    leaves its weights and state alone when another rank's are not."""
+    param = torch.randn(4, 3)
+    params = [t.clone() for t in param.chunk(2)]
+    sums = ThreadedSum(2)
+    states = [None, None]
+
+    def work(rank):
+        rule = AdaLomoRule(sum_over_shards=sums.of_rank(rank))
+        states[rank] = rule.init_state(params[rank])
+        grad = torch.ones(2, 3)
+        if rank == 1:
+            grad[0, 0] = float("nan")
+        rule.apply(params[rank], grad, states[rank], 0.05, 1, grad.sum().isfinite())
+
+    run_ranks(2, work)
+    assert torch.equal(torch.cat(params), param)
+    assert all(not t.any() for st in states for t in st.values())

@@ -46,6 +46,9 @@ METHODS = {
     # lomo under FSDP2 with the global norm clipped: the norm is summed over ranks.
     "lomo": ["optimizer.name=lomo", "optimizer.lr=0.05", "optimizer.clip.mode=exact",
              "optimizer.clip.max_norm=0.5"],
+    # adalomo under FSDP2: row statistics of a shard local, column statistics, mean(R),
+    # both RMS summed over ranks; its factors gathered whole in checkpoints.
+    "adalomo": ["optimizer.name=adalomo", "optimizer.lr=1e-2", "optimizer.weight_decay=0.01"],
     # adamw under FSDP2: its moments are sharded, and gathered whole in checkpoints.
     "adamw": ["optimizer.name=adamw", "optimizer.lr=1e-3", "optimizer.clip.mode=exact",
               "optimizer.clip.max_norm=0.5"],
@@ -199,14 +202,14 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def test_a_method_that_does_not_shard_yet_is_refused_before_launching(tmp_path):
+def test_a_batch_that_cannot_be_split_is_refused_before_launching(tmp_path):
     result = runner.invoke(
         app,
         ["train", TINY, f"training.output_dir={tmp_path / 'run'}", "hardware.gpus=0",
-         "hardware.processes=2", "optimizer.name=adalomo", "--plain"],
+         "hardware.processes=2", "training.batch_size=1", "--plain"],
     )  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert "optimizer.name: adalomo does not run on several processes yet (these do: lomo" in (
+    assert "training.batch_size: 1 rows cannot be split over 2 processes; set it to at least 2" in (
         result.output
     )
     assert not (tmp_path / "run").exists()

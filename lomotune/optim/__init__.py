@@ -21,6 +21,7 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, loss_fn: LossFn):
     seed = recipe.training.seed
     if opt.name in ("lomo", "qlora-sgd", "adalomo"):
         if opt.name == "adalomo":
+            from lomotune.distributed import is_sharded, sum_over_ranks
             from lomotune.optim.adalomo import AdaLomoRule
 
             rule = AdaLomoRule(
@@ -28,6 +29,8 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, loss_fn: LossFn):
                 eps=opt.adalomo_eps,
                 clip_threshold=opt.clip_threshold,
                 decay_rate=opt.decay_rate,
+                # Sharded (FSDP2): statistics over a matrix's rows need every rank's rows.
+                sum_over_shards=sum_over_ranks if is_sharded(model) else None,
             )
         else:
             from lomotune.optim.lomo import LomoRule

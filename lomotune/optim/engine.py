@@ -38,7 +38,13 @@ from typing import Protocol
 
 import torch
 
-from lomotune.distributed import local_shard, sum_over_ranks, sum_replicated_gradient
+from lomotune.distributed import (
+    local_shard,
+    rows_of_rank,
+    sum_over_ranks,
+    sum_replicated_gradient,
+    whole_rows,
+)
 from lomotune.optim.rounding import stochastic_round_into
 from lomotune.optim.seeds import mix64
 from lomotune.recipe import ClipConfig
@@ -336,10 +342,11 @@ class FusedEngine:
     # -- state -------------------------------------------------------------------------
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors by '<param name>/<state key>', JSON-able scalars)."""
+        """(tensors by '<param name>/<state key>', JSON-able scalars). Sharded: each state
+        tensor gathered whole (a collective), so the format is one process's."""
         tensors = {
-            f"{name}/{key}": t
-            for name, st in zip(self.names, self.states, strict=True)
+            f"{name}/{key}": t if self._whole_on_every_rank(key, p) else whole_rows(t, p)
+            for name, p, st in zip(self.names, self.params, self.states, strict=True)
             for key, t in st.items()
         }
         meta = {
@@ -350,13 +357,20 @@ class FusedEngine:
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        for name, st in zip(self.names, self.states, strict=True):
+        for name, p, st in zip(self.names, self.params, self.states, strict=True):
             for key in st:
-                st[key].copy_(tensors[f"{name}/{key}"])
+                t = tensors[f"{name}/{key}"]
+                st[key].copy_(t if self._whole_on_every_rank(key, p) else rows_of_rank(t, p))
         self.step_count = int(meta["step_count"])
         self.previous_norm = meta["previous_norm"]
         if self.loss_scale is not None and meta.get("loss_scale"):
             self.loss_scale.load_state_dict(meta["loss_scale"])
+
+    def _whole_on_every_rank(self, key: str, param: torch.Tensor) -> bool:
+        """A state tensor that is not cut by the parameter's rows (AdaLomo's column
+        statistics of a matrix): every rank holds it whole."""
+        whole_on_every_rank = getattr(self.rule, "whole_on_every_rank", None)
+        return whole_on_every_rank is not None and whole_on_every_rank(key, param)
 
     def close(self) -> None:
         for h in self._handles:
