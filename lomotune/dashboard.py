@@ -349,11 +349,19 @@ class Dashboard:
         if m.get("lr") is not None:
             parts.append(f"lr {float(m['lr']):.1e}")
         if m.get("tokens_per_s") is not None:
-            parts.append(f"{float(m['tokens_per_s']):,.0f} tok/s")
+            tokens = f"{float(m['tokens_per_s']):,.0f} tok/s"
+            if m.get("tokens_per_s_per_process") is not None:  # several processes
+                tokens += f" ({float(m['tokens_per_s_per_process']):,.0f} per process)"
+            parts.append(tokens)
         if m.get("mem_current") is not None:
             mem = f"mem {format_bytes(m['mem_current'])}"
             extra = []
-            if m.get("mem_peak") is not None:
+            if m.get("mem_peak_spread") is not None:  # several processes
+                extra.append(
+                    f"peak {format_bytes(m['mem_peak'])} max over processes, spread "
+                    f"{format_bytes(m['mem_peak_spread'])}"
+                )
+            elif m.get("mem_peak") is not None:
                 extra.append(f"peak {format_bytes(m['mem_peak'])}")
             if m.get("mem_kind"):
                 extra.append(str(m["mem_kind"]))
@@ -382,9 +390,27 @@ class Dashboard:
             ("tokens/s", _format_value("tokens_per_s", m.get("tokens_per_s"))),
             ("step time", _format_value("step_time", m.get("step_time"))),
         ]
+        if m.get("tokens_per_s_per_process") is not None:
+            rows.append(
+                (
+                    "tokens/s per process",
+                    _format_value("tokens_per_s", m["tokens_per_s_per_process"]),
+                )
+            )
         kind = f" ({m['mem_kind']})" if m.get("mem_kind") else ""
         rows.append(("memory" + kind, _format_value("mem_current", m.get("mem_current"))))
-        rows.append(("peak memory" + kind, _format_value("mem_peak", m.get("mem_peak"))))
+        if m.get("mem_peak_spread") is not None:
+            rows.append(
+                ("peak memory, max over processes" + kind, _format_value("mem_peak", m["mem_peak"]))
+            )
+            rows.append(
+                (
+                    "peak memory spread over processes",
+                    _format_value("mem_peak", m["mem_peak_spread"]),
+                )
+            )
+        else:
+            rows.append(("peak memory" + kind, _format_value("mem_peak", m.get("mem_peak"))))
         for key in ("grad_norm", "loss_scale", "skipped_steps"):
             if m.get(key) is not None:
                 rows.append((_label(key), _format_value(key, m[key])))

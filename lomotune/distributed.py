@@ -36,6 +36,7 @@ the one-process step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -279,8 +280,6 @@ def refusal(recipe: Recipe, world_size: int) -> str | None:
             f"training.batch_size: {recipe.training.batch_size} rows cannot be split over "
             f"{world_size} processes; set it to at least {world_size}"
         )
-    if recipe.training.generate_eval_examples:
-        return "training.generate_eval_examples: generation is not available on several processes yet; set it to 0"
     return None
 
 
@@ -292,9 +291,12 @@ def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World):
     if recipe.optimizer.name in SHARDED_METHODS:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        # Layers free their gathered weights after forward; the root keeps its own
+        # (embeddings, norm, head: backward needs them at once). FSDP2's defaults, said
+        # here because `whole_model` sets them back.
         for layer in model.get_decoder().layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(model, reshard_after_forward=False)
         for module in model.modules():
             if hasattr(module, "set_gradient_divide_factor"):
                 # Summed, not averaged: DataParallelLoss divides by the global token
@@ -312,6 +314,39 @@ def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World):
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
     return DataParallelLoss(loss_fn, world)
+
+
+@contextlib.contextmanager
+def whole_model(model: torch.nn.Module):
+    """Every FSDP2 unit of `model` gathered whole on this rank for the duration (a
+    collective on entry), so that forward passes need no collective and may differ
+    between ranks (generation: each rank its own prompts, stopping when they are done).
+    Resharded on exit. A model that is not sharded: nothing to do."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)
+    for unit in units:  # the same order on every rank
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(True)  # as `distribute` set them
+        model.set_reshard_after_forward(False, recurse=False)
+
+
+def gather_objects(world: World, value) -> list:
+    """`value` of every rank (picklable), in rank order, on every rank."""
+    if not world.is_distributed:
+        return [value]
+    out: list = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

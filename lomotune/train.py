@@ -41,7 +41,7 @@ from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_met
 from lomotune.data import BatchLoader, PreparedData, prepare_data
 from lomotune.distributed import World, any_rank, share_from_main
 from lomotune.evaluate.during_training import task_metrics
-from lomotune.evaluate.exact_match import exact_match
+from lomotune.evaluate.exact_match import ExactMatch, exact_match
 from lomotune.models import (
     LoadedModel,
     causal_lm_loss,
@@ -523,11 +523,17 @@ def log_step(run: Run, result, lr: float, seconds: float) -> None:
         "skipped_steps": run.state.skipped_steps,
         **run.meter.as_metrics(),
     }
+    # This rank's peak, for the summary (which takes the max and spread over ranks).
+    run.results["peak_memory"] = max(run.results.get("peak_memory", 0), metrics["mem_peak"])
+    if run.world.is_distributed:  # shown by rank 0: the largest peak of any rank, the spread
+        peaks = distributed.gather_floats(run.world, metrics["mem_peak"])
+        metrics["mem_peak"], metrics["mem_peak_spread"] = max(peaks), max(peaks) - min(peaks)
+        if metrics["tokens_per_s"] is not None:
+            metrics["tokens_per_s_per_process"] = metrics["tokens_per_s"] / run.world.size
     if result.grad_norm is not None:
         metrics["grad_norm"] = result.grad_norm
     if result.loss_scale is not None:
         metrics["loss_scale"] = result.loss_scale
-    run.results["peak_memory"] = max(run.results.get("peak_memory", 0), metrics["mem_peak"])
     run.metrics.train(step, metrics)
     show = step % run.recipe.training.log_every == 0 or step == run.total_steps
     run.dashboard.update_step(step, metrics, show=show)
@@ -577,6 +583,9 @@ def evaluate_loss(run: Run) -> float | None:
     return eval_loss
 
 
+SAMPLES_SHOWN = 2  # generated answers shown next to the accuracy
+
+
 def generation_accuracy(run: Run, when: str) -> float:
     pairs = run.data.eval_pairs[: run.recipe.training.generate_eval_examples]
     if not pairs:
@@ -584,16 +593,23 @@ def generation_accuracy(run: Run, when: str) -> float:
             "training.generate_eval_examples is set but this data format has no answers to match"
         )
         return float("nan")
-    result = exact_match(
-        run.loaded.model,
-        run.loaded.tokenizer,
-        pairs,
-        max_new_tokens=run.recipe.training.generate_max_new_tokens,
-    )
+    # Several processes: each rank decodes its share of the prompts with the whole model
+    # gathered (no collective inside generate), and the counts are summed.
+    n, rank, size = len(pairs), run.world.rank, run.world.size
+    share = pairs[n * rank // size : n * (rank + 1) // size]
+    with distributed.whole_model(run.loaded.model):
+        mine = exact_match(
+            run.loaded.model,
+            run.loaded.tokenizer,
+            share,
+            max_new_tokens=run.recipe.training.generate_max_new_tokens,
+            keep_samples=SAMPLES_SHOWN,
+        )
+    result = combine_exact_match(distributed.gather_objects(run.world, mine))
     run.dashboard.note(
         f"held-out exact match {when}: {result.correct}/{result.total} ({result.accuracy:.0%})"
     )
-    for prompt, expected, got in result.samples[:2]:
+    for prompt, expected, got in result.samples:
         run.dashboard.note(
             f"  {prompt.splitlines()[0][:60]!r} -> {got.strip()[:30]!r} (expected {expected.strip()!r})"
         )
@@ -606,6 +622,15 @@ def generation_accuracy(run: Run, when: str) -> float:
         },
     )
     return result.accuracy
+
+
+def combine_exact_match(parts: list[ExactMatch]) -> ExactMatch:
+    """The ranks' results on consecutive shares of the prompts as one result; the samples
+    are the first prompts', as one process shows them."""
+    correct, total = sum(p.correct for p in parts), sum(p.total for p in parts)
+    accuracy = correct / total if total else 0.0
+    samples = [s for p in parts for s in p.samples][:SAMPLES_SHOWN]
+    return ExactMatch(accuracy=accuracy, correct=correct, total=total, samples=samples)
 
 
 def out_of_memory(run: Run, error: BaseException) -> TrainError:

@@ -48,6 +48,24 @@ def test_plain_line_has_every_field():
     )
 
 
+def test_several_processes_show_per_process_tokens_and_the_spread_of_peaks():
+    console, buf = _plain_console()
+    several = {**STEP, "tokens_per_s_per_process": 617.2, "mem_peak_spread": int(0.25 * GIB)}
+    with Dashboard(total_steps=200, title="t", console=console) as dash:
+        dash.update_step(12, several)
+    assert buf.getvalue() == (
+        "step 12/200 | loss 1.2345 | lr 3.0e-04 | 1,234 tok/s (617 per process) | mem 1.20 GiB "
+        "(peak 1.50 GiB max over processes, spread 256.00 MiB, process RSS) | 0.85 s/step | "
+        "eta 2m40s\n"
+    )
+    live = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with Dashboard(total_steps=20, title="t", console=live) as dash:
+        dash.update_step(1, several)
+        table = dict(dash._numbers_table().rows)
+    assert table["tokens/s per process"] == "617"
+    assert table["peak memory spread over processes"] == "256.00 MiB"
+
+
 def test_plain_optional_fields_eval_warn_note_summary():
     console, buf = _plain_console()
     with Dashboard(total_steps=10, title="t", console=console) as dash:

@@ -44,8 +44,10 @@ COMMON = [
 ]
 METHODS = {
     # lomo under FSDP2 with the global norm clipped: the norm is summed over ranks.
+    # Generation eval of 1 prompt: rank 1 decodes it, rank 0 nothing (forward passes
+    # that differ between ranks: no collective may be left inside generate).
     "lomo": ["optimizer.name=lomo", "optimizer.lr=0.05", "optimizer.clip.mode=exact",
-             "optimizer.clip.max_norm=0.5"],
+             "optimizer.clip.max_norm=0.5", "training.generate_eval_examples=1"],
     # adalomo under FSDP2: row statistics of a shard local, column statistics, mean(R),
     # both RMS summed over ranks; its factors gathered whole in checkpoints.
     "adalomo": ["optimizer.name=adalomo", "optimizer.lr=1e-2", "optimizer.weight_decay=0.01"],
@@ -97,12 +99,14 @@ def free_port() -> int:
 def runs(tmp_path_factory):
     """Every method: 1 process to step STEPS (in this process); then, in one torchrun
     start of 2 processes, the same from scratch, and the 1-process checkpoint continued
-    to RESUMED_STEPS. Returns (the folder, torchrun's result)."""
+    to RESUMED_STEPS. Returns (the folder, torchrun's result, what each 1-process
+    run printed)."""
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:  # a data cache of its own, as conftest's
         patch.setenv("LOMOTUNE_CACHE", str(root / "cache"))
+        printed = {}
         for method in METHODS:
-            in_process(root / "one" / method, method, STEPS)
+            printed[method] = in_process(root / "one" / method, method, STEPS).output
             shutil.copytree(root / "one" / method, root / "one-then-two" / method)
         commands = [train_args(root / "two" / m, m, STEPS) for m in METHODS] + [
             train_args(root / "one-then-two" / m, m, RESUMED_STEPS, "--resume") for m in METHODS
@@ -113,7 +117,7 @@ def runs(tmp_path_factory):
             str(root / "commands.json"), launcher=(TORCHRUN,),
         )  # fmt: skip
     assert launched.returncode == 0, launched.stdout + launched.stderr
-    return root, launched
+    return root, launched, printed
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +142,7 @@ def train_losses(run: Path) -> list[float]:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_processes_equal_one_and_checkpoints_continue_on_one_or_two(runs, method):
-    root, _ = runs
+    root, _, _ = runs
     one, two, one_then_two = (root / d / method for d in ("one", "two", "one-then-two"))
     assert_close(weights(two / "model"), weights(one / "model"))
     # The global loss, not a rank's share, is what every step reports.
@@ -146,6 +150,10 @@ def test_two_processes_equal_one_and_checkpoints_continue_on_one_or_two(runs, me
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["peak_memory_spread"] >= 0
     assert "# world_size: 2" in (two / "recipe.yaml").read_text()
+    steps = [r for r in map(json.loads, (two / "metrics.jsonl").open()) if r["kind"] == "train"]
+    for r in steps:  # per step: the whole run's tokens/s, per process, and the peaks' spread
+        assert r["tokens_per_s_per_process"] == pytest.approx(r["tokens_per_s"] / 2)
+        assert 0 <= r["mem_peak_spread"] < r["mem_peak"]
 
     # A 2-process checkpoint continues on 1 process, a 1-process one on 2 (torchrun
     # above): both end where 1 process ends, weights and optimizer state.
@@ -157,10 +165,27 @@ def test_two_processes_equal_one_and_checkpoints_continue_on_one_or_two(runs, me
     assert train_losses(one_then_two) == pytest.approx(train_losses(one), abs=1e-5)
 
 
+def test_generation_eval_on_two_processes_equals_one(runs):
+    root, launched, printed = runs
+
+    def accuracy_records(run: Path) -> list[dict]:
+        rows = map(json.loads, (run / "metrics.jsonl").open())
+        return [{k: v for k, v in r.items() if k != "time"} for r in rows if "total" in r]
+
+    one, two = (accuracy_records(root / d / "lomo") for d in ("one", "two"))
+    # before and after training (and after the resumed step, when that test ran first)
+    assert len(one) >= 2 and all(r["total"] == 1 for r in one)
+    assert two == one
+    samples = [line for line in printed["lomo"].splitlines() if "(expected" in line]
+    assert len(samples) == 2 and all(line in launched.stdout for line in samples)
+
+
 def test_rank_0_alone_prints_and_each_resume_says_so(runs):
-    _, launched = runs
+    _, launched, _ = runs
     assert launched.stdout.count("summary:") == 2 * len(METHODS)
     assert launched.stdout.count("resumed from") == len(METHODS)
+    assert launched.stdout.count("per process) | mem ") >= len(METHODS)  # the step lines
+    assert "max over processes, spread" in launched.stdout
 
 
 def test_a_killed_process_ends_the_run_within_seconds(tmp_path):

@@ -26,7 +26,9 @@ def exact_match(
     keep_samples: int = 3,
 ) -> ExactMatch:
     """Greedy-decode each prompt; correct when the generated text, stripped, equals the
-    expected answer, stripped. Prompts are left-padded so that a batch decodes together."""
+    expected answer, stripped. Prompts are left-padded so that a batch decodes together.
+    This process decodes alone: a model sharded over several processes must be gathered
+    whole first (`distributed.whole_model`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -44,6 +46,9 @@ def exact_match(
                 use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                # transformers would keep the ranks of an FSDP model in step (an
+                # all-reduce per token); gathered whole, each rank decodes its own prompts.
+                synced_gpus=False,
             )
             texts = tokenizer.batch_decode(
                 out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
