@@ -283,13 +283,26 @@ def refusal(recipe: Recipe, world_size: int) -> str | None:
     return None
 
 
-def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World):
+def shards(recipe: Recipe) -> bool:
+    """Whether the recipe's method runs on FSDP2 shards (else data parallel)."""
+    return recipe.optimizer.name in SHARDED_METHODS
+
+
+def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World, device: torch.device):
     """Shard `model` in place for methods that shard (FSDP2: each decoder layer a unit,
     the rest the root unit), or make its replicas equal for the others, and return the
     loss function every engine calls: the rank's share of each batch, summed over ranks
     (`DataParallelLoss`)."""
-    if recipe.optimizer.name in SHARDED_METHODS:
+    if shards(recipe):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        # Rank 0 alone read the weights; the others built the model on the meta device,
+        # so no rank but 0 ever holds the whole model (rank 0 until its shards are sent).
+        whole_weights = model.state_dict() if world.is_main else {}
 
         # Layers free their gathered weights after forward; the root keeps its own
         # (embeddings, norm, head: backward needs them at once). FSDP2's defaults, said
@@ -303,6 +316,16 @@ def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World):
                 # count. Plain sums: gloo has no pre-multiplied or averaging reduction.
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
+        if not world.is_main:
+            model.to_empty(device=device)  # this rank's shards, uninitialized
+        set_model_state_dict(
+            model,
+            whole_weights,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        del whole_weights
+        for buffer in model.buffers():  # computed, not saved: RoPE's inverse frequencies
+            dist.broadcast(buffer, src=0)
         # The chunked loss calls the decoder and the head's weight itself, not
         # model.forward: make it an entry point that unshards the root unit as forward would.
         model.lomotune_loss = loss_fn

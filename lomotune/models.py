@@ -9,6 +9,7 @@ hash-checked and converted once to a safetensors folder in the user cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -164,11 +165,13 @@ class LoadedModel:
 
 
 def load_model(
-    cfg: ModelConfig, device: torch.device, *, quantize_4bit: bool = False
+    cfg: ModelConfig, device: torch.device, *, quantize_4bit: bool = False, empty: bool = False
 ) -> LoadedModel:
     """Load model and tokenizer in the recipe's precision; activation checkpointing on
-    when asked. `quantize_4bit` loads the base in NF4 (qlora-sgd)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    when asked. `quantize_4bit` loads the base in NF4 (qlora-sgd). `empty`: the model's
+    structure on the meta device, no weights read (a rank of a sharded run other than 0:
+    it receives its shards from rank 0 after `fully_shard`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if cfg.precision not in DTYPES:  # "auto" is resolved for the device first
         raise ValueError(
@@ -179,7 +182,9 @@ def load_model(
     if cfg.name == TINY_ALIAS:
         from lomotune.testing import tiny_llama, tiny_tokenizer
 
-        model, tokenizer, source = tiny_llama(dtype=dtype), tiny_tokenizer(), TINY_ALIAS
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            model = tiny_llama(dtype=dtype)
+        tokenizer, source = tiny_tokenizer(), TINY_ALIAS
     else:
         source = resolve_model(cfg.name)
         kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
@@ -198,12 +203,19 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(
                 source, trust_remote_code=cfg.trust_remote_code
             )
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            if empty:
+                config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(
+                        config, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+                    )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except OSError as e:
             raise ModelError(f"could not load model {cfg.name!r} from {source}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not quantize_4bit:
+    if not (quantize_4bit or empty):
         model.to(device)
     model.config.use_cache = False
     if cfg.activation_checkpointing:

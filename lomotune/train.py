@@ -277,7 +277,9 @@ def setup(
         torch.set_num_threads(recipe.hardware.threads)
     seed_everything(recipe.training.seed)
     opt = recipe.optimizer
-    loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd")
+    # A sharded run reads the weights on rank 0 only; the other ranks get their shards.
+    empty = world.is_distributed and not world.is_main and distributed.shards(recipe)
+    loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd", empty=empty)
     lora = opt.lora if opt.lora is not None or opt.name != "qlora-sgd" else LoraConfig()
     if lora is not None:  # qlora-sgd always trains adapters: QLoRA's defaults if none given
         from lomotune.lora import add_lora_adapters
@@ -299,10 +301,10 @@ def setup(
     def loss_fn(batch):
         return causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
 
-    if checkpoint is not None:  # into the whole model, before it is sharded
+    if checkpoint is not None and not empty:  # into the whole model, before it is sharded
         restore_weights(model, checkpoint / "model")
     if world.is_distributed:
-        loss_fn = distributed.distribute(model, loss_fn, recipe, world)
+        loss_fn = distributed.distribute(model, loss_fn, recipe, world, device)
     engine = build_engine(recipe, model, loss_fn)
     state = TrainingState(
         step=0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,8 +26,16 @@ def run(method: str, processes: int, steps: int, out: Path) -> dict:
         "training.generate_eval_examples=0", "hardware.gpus=0", f"hardware.processes={processes}",
         "hardware.threads=1", "--plain",
     ]  # fmt: skip
+    if processes > 1:  # not 29500: other runs on this machine may hold it
+        command.append(f"hardware.master_port={free_port()}")
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> None:

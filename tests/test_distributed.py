@@ -254,3 +254,20 @@ def test_a_master_port_in_use_is_named_with_the_fix(tmp_path):
     assert result.exit_code == 2, result.output
     assert f"hardware.master_port: {port} on 127.0.0.1 is in use" in result.output
     assert "Pass --master-port with a free port" in result.output
+
+
+def test_an_empty_model_has_the_structure_and_no_weights():
+    """What ranks other than 0 of a sharded run build: every parameter on the meta device
+    (no memory), shaped and tied as the real model, with its tokenizer."""
+    from lomotune.models import load_model
+    from lomotune.recipe import ModelConfig
+
+    cfg = ModelConfig(name="tiny-llama", precision="fp32")
+    real = load_model(cfg, torch.device("cpu")).model
+    empty = load_model(cfg, torch.device("cpu"), empty=True)
+    assert all(p.is_meta for p in empty.model.parameters())
+    assert {n: p.shape for n, p in empty.model.named_parameters()} == {
+        n: p.shape for n, p in real.named_parameters()
+    }
+    assert empty.model.lm_head.weight is empty.model.get_input_embeddings().weight
+    assert empty.tokenizer.pad_token_id is not None
