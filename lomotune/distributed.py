@@ -268,13 +268,6 @@ def refusal(recipe: Recipe, world_size: int) -> str | None:
         return None
     if missing_gpus(recipe.hardware):
         return missing_gpus(recipe.hardware)
-    name = recipe.optimizer.name
-    works = ", ".join(SHARDED_METHODS + REPLICATED_METHODS)
-    if name not in SHARDED_METHODS + REPLICATED_METHODS:
-        return (
-            f"optimizer.name: {name} does not run on several processes yet (these do: {works}). "
-            "Use one of them, or one process (hardware.gpus: 1, or gpus: 0 with processes: 1)"
-        )
     if recipe.training.batch_size < world_size:
         return (
             f"training.batch_size: {recipe.training.batch_size} rows cannot be split over "

@@ -84,7 +84,7 @@ CASES = {
                                      ["data.format: chat needs the tokenizer's chat template", "prompt-completion"]),
     "unknown built-in dataset": (None, ["data.source=builtin:nope"], ["no built-in dataset 'nope'", "builtin:dates, builtin:arithmetic"]),
     "more GPUs than present": (None, ["hardware.gpus=1"], ["hardware.gpus: 1 asked for, 0 present", "hardware.gpus: 0"]),
-    "several processes, a method that does not shard": (None, ["hardware.gpus=0", "hardware.processes=2", "optimizer.name=adalomo"], ["optimizer.name: adalomo does not run on several processes yet", "these do: lomo"]),
+    "several processes, a batch that cannot be split": (None, ["hardware.gpus=0", "hardware.processes=2", "training.batch_size=1"], ["training.batch_size: 1 rows cannot be split over 2 processes", "set it to at least 2"]),
 }  # fmt: skip
 
 

@@ -227,19 +227,6 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def test_a_batch_that_cannot_be_split_is_refused_before_launching(tmp_path):
-    result = runner.invoke(
-        app,
-        ["train", TINY, f"training.output_dir={tmp_path / 'run'}", "hardware.gpus=0",
-         "hardware.processes=2", "training.batch_size=1", "--plain"],
-    )  # fmt: skip
-    assert result.exit_code == 2, result.output
-    assert "training.batch_size: 1 rows cannot be split over 2 processes; set it to at least 2" in (
-        result.output
-    )
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_master_port_in_use_is_named_with_the_fix(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -271,3 +258,14 @@ def test_an_empty_model_has_the_structure_and_no_weights():
     }
     assert empty.model.lm_head.weight is empty.model.get_input_embeddings().weight
     assert empty.tokenizer.pad_token_id is not None
+
+
+def test_every_method_has_a_way_to_run_on_several_processes_and_is_tested_here():
+    from typing import get_args
+
+    from lomotune.distributed import REPLICATED_METHODS, SHARDED_METHODS
+    from lomotune.recipe import MethodName
+
+    assert sorted(SHARDED_METHODS + REPLICATED_METHODS) == sorted(get_args(MethodName))
+    # sgd steps through the same engine and FSDP2 path as adamw
+    assert set(get_args(MethodName)) - set(METHODS) == {"sgd"}
