@@ -384,3 +384,18 @@ def test_peak_memory_is_that_of_inference(monkeypatch):
     monkeypatch.setattr(MezoEngine, "_z", keeps_every_z)
     caching = MezoEngine(model, loss_fn, eps=EPS, directions=2, weight_decay=0.1)
     assert peak(lambda: caching.step([batch], 1e-3)) > 1.05 * inference  # z of every parameter
+
+
+@pytest.mark.parametrize("directions, draws", [(1, 3), (3, 11)])
+def test_z_is_drawn_three_times_a_direction_less_one_for_the_merged_restore(
+    monkeypatch, directions, draws
+):
+    """The paper draws z four times a direction (+eps, -2 eps, +eps, update); restoring
+    the last direction and updating in one pass saves one draw a step (n-SPSA: 4n - 1),
+    and every draw is the same z (the fixture's cache: equal results checked above)."""
+    calls = []
+    cached = MezoEngine._z
+    monkeypatch.setattr(MezoEngine, "_z", lambda self, *a: calls.append(1) or cached(self, *a))
+    model = tiny_llama()
+    run(model, make_batches(1), directions=directions)
+    assert len(calls) == draws * len(list(model.parameters()))

@@ -6,15 +6,19 @@ princeton-nlp/MeZO large_models/trainer.py):
     draw a seed s
     theta += eps z(s);     l+ = L(theta + eps z)
     theta -= 2 eps z(s);   l- = L(theta - eps z)
-    theta += eps z(s)                                     restore
     g = (l+ - l-) / (2 eps)                               the projected gradient
+    theta += eps z(s)                                     restore, and in the same pass
     theta -= lr (g z(s) + wd theta)                       no decay on biases and norms
+
+The paper draws z four times a step; restoring and updating in one pass over the
+parameters draws it three times (z is the costliest part of a MeZO step after the two
+forwards).
 
 z ~ N(0, 1) has the shape and dtype of each parameter and is never stored: it is drawn
 again from the seed whenever it is needed, one parameter at a time, by a generator on
 the parameter's own device seeded with (step seed, parameter index). So the memory is
-that of inference plus a parameter-sized temporary or two (z; in the update also the
-sum over directions and wd * theta), never at the same time as the activations, and
+that of inference plus one parameter-sized temporary (z), never at the same time as
+the activations, and
 everything runs under `torch.no_grad` (no graph, no `.grad`).
 
 Options:
@@ -118,12 +122,14 @@ class MezoEngine:
     def _evaluate(
         self, seeds: list[int], batches: list[Batch]
     ) -> tuple[list[float], list[float], int]:
-        """l+ and l- for each direction; theta is restored after each. Stops at the first
-        non-finite loss (theta restored, fewer l- than seeds)."""
+        """l+ and l- for each direction. Theta is restored after each direction but the
+        last, which is left at theta - eps z: the update merges its restore (one draw of
+        z fewer). Stops at the first non-finite loss, theta fully restored (fewer l- than
+        seeds)."""
         plus: list[float] = []
         minus: list[float] = []
         n = 0
-        for seed in seeds:
+        for i, seed in enumerate(seeds):
             self._perturb(seed, self.eps)
             lp, n = self._loss(batches)
             plus.append(lp)
@@ -133,7 +139,8 @@ class MezoEngine:
             self._perturb(seed, -2 * self.eps)
             lm, _ = self._loss(batches)
             minus.append(lm)
-            self._perturb(seed, self.eps)
+            if not math.isfinite(lm) or i < len(seeds) - 1:
+                self._perturb(seed, self.eps)
             if not math.isfinite(lm):
                 break
         return plus, minus, n
@@ -157,18 +164,20 @@ class MezoEngine:
 
     @torch.no_grad()
     def _update(self, seeds: list[int], projected: list[float], lr: float) -> None:
-        # theta <- theta - lr * (mean_i(g_i z_i) + wd * theta), in the parameter's dtype.
+        # theta <- theta - lr * (mean_i(g_i z_i) + wd * theta), in the parameter's dtype,
+        # merged with the last direction's restore (theta is at theta - eps z_last), one
+        # z at a time: the paper's 4 draws of z a step become 3, and n directions need
+        # no sum buffer.
+        n = len(seeds)
         for index, p in enumerate(self.params):
-            update = None
-            for seed, g in zip(seeds, projected, strict=True):
-                gz = self._z(p, seed, index).mul_(g)
-                update = gz if update is None else update.add_(gz)
-            if len(seeds) > 1:
-                update.div_(len(seeds))
+            z = self._z(p, seeds[-1], index).mul_(self.eps)
+            p.add_(z)  # the restore, exactly as the paper's third perturbation
             if self.weight_decay and self.decay[index]:
-                update.add_(p * self.weight_decay)
-            p.sub_(update.mul_(lr))
-            del update
+                p.mul_(1.0 - lr * self.weight_decay)  # wd * theta at the restored theta
+            p.add_(z, alpha=-lr * projected[-1] / (n * self.eps))
+            del z
+            for seed, g in zip(seeds[:-1], projected[:-1], strict=True):
+                p.add_(self._z(p, seed, index), alpha=-lr * g / n)
 
     # -- randomness --------------------------------------------------------------------
 
