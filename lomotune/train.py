@@ -26,6 +26,7 @@ import torch
 import transformers
 
 from lomotune import __version__, distributed
+from lomotune.allocator import return_freed_memory
 from lomotune.checkpoint import (
     CheckpointError,
     TrainingState,
@@ -134,6 +135,8 @@ def train_in(
 ) -> dict[str, Any]:
     output_dir = Path(recipe.training.output_dir)
     device = distributed.device_of(world, recipe) or pick_device(recipe)
+    if device.type == "cpu":
+        return_freed_memory()  # else the process keeps every freed size's high-water mark
     # `auto` becomes what this hardware computes in natively; the resolved value is what
     # the saved recipe and a resume compare.
     precision = resolve_precision(recipe.model.precision, device)

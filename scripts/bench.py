@@ -106,6 +106,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     import torch
 
+    from lomotune.allocator import return_freed_memory
     from lomotune.models import causal_lm_loss, count_parameters, load_model
     from lomotune.monitor import MemoryMeter
     from lomotune.recipe import (
@@ -116,6 +117,7 @@ def worker(args: argparse.Namespace) -> dict:
         TrainingConfig,
     )
 
+    return_freed_memory()  # as `lomotune train` does on a CPU
     method, precision = args.worker, args.precision
     torch.manual_seed(0)
     meter = MemoryMeter("cpu")
