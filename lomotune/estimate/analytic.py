@@ -267,10 +267,11 @@ def _optimizer_state(shape: Shape, setup: Setup, a: int) -> int:
     if setup.method == "adamw":
         return p * (8 if setup.mixed_precision else 2 * a)
     if setup.method == "adam-mini":
-        # m for every weight; a full v for the embedding and output layers (Adam-mini
-        # keeps Adam there), one v per head / output neuron elsewhere (negligible).
-        full_v = shape.vocab * shape.hidden * (1 if shape.tied else 2)
-        return p * a + full_v * a
+        # adam-mini 1.1: m for every weight, in the weights' dtype; v is one number per
+        # block: per head for q and k, per output row (token, neuron) for the embedding,
+        # lm_head, v, o and the MLP, one per norm. (The paper's Adam-for-the-embedding
+        # was dropped by the package: its embedding has one v per token.)
+        return p * a + _adam_mini_v_elements(shape) * a
     if setup.method == "adalomo":
         # fp32 row and column means per matrix; a full fp32 v for vectors
         per_layer = sum(_rows_cols(shape, m) for m in range(len(shape.layer_matrices())))
@@ -280,6 +281,16 @@ def _optimizer_state(shape: Shape, setup: Setup, a: int) -> int:
             shape.layers * (per_layer + vectors) + emb * (1 if shape.tied else 2) + shape.hidden
         )
     return 0
+
+
+def _adam_mini_v_elements(shape: Shape) -> int:
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    per_layer = shape.heads + shape.kv_heads + kv + h  # q, k heads; v, o rows
+    per_layer += (2 * i + h if shape.family == "llama" else i + h) + 2  # MLP rows, norms
+    if shape.family != "llama":  # biases: Adam, a full v each
+        per_layer += 2 * h + 2 * kv + i + h
+    embeddings = shape.vocab * (1 if shape.tied else 2)
+    return shape.layers * per_layer + embeddings + 1
 
 
 def _rows_cols(shape: Shape, index: int) -> int:

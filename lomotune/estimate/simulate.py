@@ -68,7 +68,11 @@ def step_tracker():
     """A MemTracker that accepts a module called several times in one forward (the loss
     calls the output head once per chunk; MeZO and AdamW's second step run the model
     again). Only the global peak is read, so the per-module statistics of an earlier
-    call are simply dropped."""
+    call are simply dropped, and the per-module peaks are not kept at all: MemTracker
+    updates them after every op by walking every tracked module, which is most of a
+    simulation's time (a 7B step: 3x faster without it)."""
+    from copy import deepcopy
+
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class StepTracker(MemTracker):
@@ -76,6 +80,12 @@ def step_tracker():
             if not self._mod_tracker.is_bw:
                 self.memory_tracking.pop(module, None)
             super()._pre_fw_hook(module, inputs)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot["Total"]:
+                    self._peak_mem[device] = snapshot["Total"]
+                    self._peak_mem_snap[device] = deepcopy(snapshot)
 
     return StepTracker()
 
