@@ -8,7 +8,7 @@ from functools import cache, partial
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, OPTConfig
 
 from lomotune.estimate import Setup, estimate, resolve_config, shape_of
 from lomotune.estimate.analytic import GiB
@@ -50,12 +50,42 @@ def small_configs() -> dict[str, LlamaConfig]:
     }
 
 
-@pytest.mark.parametrize("name", ["gqa-untied", "tied"])
+@pytest.mark.parametrize("name", ["gqa-untied", "tied", "opt", "gpt-neox"])
 def test_parameter_count_matches_transformers(name):
-    config = small_configs()[name]
+    config = {**small_configs(), **other_families()}[name]
     config.num_hidden_layers = 3
     model = AutoModelForCausalLM.from_config(config)
     assert shape_of(config).params() == sum(p.numel() for p in model.parameters())
+
+
+def other_families() -> dict:
+    """OPT (LayerNorm, ReLU, learned positions, biases, tied) and GPT-NeoX (parallel
+    residual, GELU, partial rotary, fused qkv, untied), 1 layer each: the Llama matrix
+    checks how layers add up, these what one layer of another family saves."""
+    return {
+        "opt": OPTConfig(
+            vocab_size=2000,
+            hidden_size=256,
+            ffn_dim=1024,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=256,
+            dropout=0.0,
+            tie_word_embeddings=True,
+        ),
+        "gpt-neox": GPTNeoXConfig(
+            vocab_size=2000,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            rotary_pct=0.25,
+            tie_word_embeddings=False,
+            use_parallel_residual=True,
+        ),
+    }
 
 
 def four_layer_llama() -> LlamaConfig:
@@ -112,7 +142,7 @@ MATRIX_BATCHES = ((1, 64), (4, 128))
 @cache
 def simulated(name: str, method: str, batch: int, seq: int, checkpointing: bool):
     """One simulated bf16 step, shared by every test that asks for the same one."""
-    config = small_configs()[name]
+    config = {**small_configs(), **other_families()}[name]
     return simulate_step(config, method, batch_size=batch, seq_len=seq, checkpointing=checkpointing)
 
 
@@ -128,6 +158,23 @@ def test_formulas_agree_with_simulation_within_10_percent(method):
                 )
                 ratio = est.tensor_bytes / sim.peak_bytes
                 worst.append((abs(ratio - 1), name, batch, seq, ckpt, ratio))
+    assert max(worst)[0] < 0.10, max(worst)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt-neox"])
+def test_opt_and_gpt_neox_formulas_agree_with_simulation_within_10_percent(family):
+    # What differs from Llama is the layer (its saved activations) and the parameters;
+    # every method's own parts are those the Llama matrix checks: one batch shape here.
+    config = other_families()[family]
+    worst = []
+    for method in ("lomo", "adalomo", "mezo", "sgd", "adamw", "adam-mini"):
+        for ckpt in (True, False):
+            sim = simulated(family, method, 4, 128, ckpt)
+            est = estimate(
+                shape_of(config), Setup(method, 4, 128, checkpointing=ckpt, device="cpu")
+            )
+            ratio = est.tensor_bytes / sim.peak_bytes
+            worst.append((abs(ratio - 1), method, ckpt, ratio))
     assert max(worst)[0] < 0.10, max(worst)
 
 

@@ -79,7 +79,9 @@ class Shape:
         return sum(self.layer_matrices()) + small
 
     def embedding_params(self) -> int:
-        extra = self.max_positions * self.hidden if self.family == "opt" else 0
+        # OPT learns its positions, with 2 rows more than its context (an offset kept
+        # from fairseq)
+        extra = (self.max_positions + 2) * self.hidden if self.family == "opt" else 0
         return self.vocab * self.hidden + extra
 
     def params(self) -> int:
@@ -334,7 +336,9 @@ def _layer_saved(shape: Shape, setup: Setup, a: int) -> int:
         per_token += h * a  # the residual sum feeding the second norm
         per_token += 4 * i * a  # gate, silu(gate), up, their product (down_proj input)
     else:
-        per_token += h * a + 2 * i * a  # residual; fc1 output and activation output
+        # the residual; the activation's output (fc2's input), and for GELU (GPT-NeoX)
+        # also its input: ReLU's backward (OPT) needs its output only
+        per_token += h * a + (1 if shape.family == "opt" else 2) * i * a
     attention = b * s * s * a  # the padding mask expanded to the model dtype
     if setup.attention == "eager":
         # scores, softmax in fp32 and its cast: the s^2 tensors flash attention never keeps
