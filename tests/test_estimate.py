@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from functools import cache, partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,7 +227,31 @@ def test_cli_json_compare_and_plot(tmp_path):
     assert set(out) == {"lomo", "adalomo", "mezo", "qlora-sgd", "adamw", "sgd", "adam-mini"}
     assert out["adamw"]["total_gib"] > out["sgd"]["total_gib"] > out["lomo"]["total_gib"]
     assert out["lomo"]["parts"]["weights"] == pytest.approx(12.55, abs=0.01)
+    assert out["lomo"]["notes"] == []
     assert png.stat().st_size > 10_000
+
+
+def test_cli_json_carries_the_notes():
+    tiny = str(Path(__file__).parents[1] / "lomotune" / "recipes" / "tiny.yaml")
+    r = run_cli(tiny, "--json")
+    assert r.exit_code == 0, r.output
+    (notes,) = [entry["notes"] for entry in json.loads(r.output).values()]
+    assert "hardware.gpus auto: estimated for one GPU" in notes
+
+
+def test_the_compare_table_fits_80_columns():
+    from rich.console import Console
+
+    from lomotune.estimate import METHODS
+    from lomotune.estimate.report import table
+
+    shape = shape_of(resolve_config("llama-7b"))
+    console = Console(width=80, record=True)
+    console.print(table([estimate(shape, Setup(m, 8, 512)) for m in METHODS], "llama-7b"))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text  # nothing cut short
+    assert "qlora-" in text and "50.77" in text  # adamw's tensors, as in BENCHMARKS.md
 
 
 def test_cli_max_batch():

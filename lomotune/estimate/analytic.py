@@ -179,7 +179,6 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         return _mezo(shape, setup, a, base, inputs, t, n, c)
 
     head_grad = v * h * a
-    upd = _update_bytes_per_element(setup, a)
     largest_layer = max(shape.layer_matrices())
     grads_all = shape.params() * a if method not in FUSED else 0
     if method == "qlora-sgd":
@@ -198,18 +197,18 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
             phases["update of the largest tensor"] = {
                 **base,
                 "activations_kept": inputs,
-                "gradients": v * h * (a + upd),
+                "gradients": fused_update_bytes(v * h, setup, a),
             }
         else:
             phases["update of the largest tensor"] = {
                 **base,
                 **kept_parts,
                 "logits_loss": n * h * a,  # gradient of the loss input, alive until the body
-                "gradients": v * h * (a + upd),
+                "gradients": fused_update_bytes(v * h, setup, a),
             }
     top_grads = {
-        "lomo": largest_layer * (a + upd),
-        "adalomo": largest_layer * (a + upd),
+        "lomo": fused_update_bytes(largest_layer, setup, a),
+        "adalomo": fused_update_bytes(largest_layer, setup, a),
         "qlora-sgd": 0,
     }.get(method, (head_grad + shape.layer_params() * a) // shard)
     if shape.tied and method in FUSED and method != "qlora-sgd":
@@ -302,15 +301,17 @@ def _rows_cols(shape: Shape, index: int) -> int:
     return rows_cols[index]
 
 
-def _update_bytes_per_element(setup: Setup, a: int) -> int:
-    """Extra bytes per element while the fused hook updates one tensor: the fp32
-    gradient and fp32 working copy (when the weights are not fp32), the stochastic
-    rounding noise (bf16), AdaLomo's update buffer."""
-    extra = 0 if a == 4 else 8
-    # The noise words (bf16) are drawn after AdaLomo's buffer is freed: the larger counts.
+def fused_update_bytes(numel: int, setup: Setup, a: int) -> int:
+    """Bytes alive while a fused method's hook updates one tensor of `numel` elements:
+    its gradient in the model's dtype, and the update's temporaries per element: the
+    fp32 gradient and fp32 working copy (when the weights are not fp32), the stochastic
+    rounding noise (bf16) or AdaLomo's update buffer, whichever is larger (the noise
+    words are drawn after the buffer is freed). The one place to change when the update
+    works through a large tensor in slices (the temporaries would then cover a slice)."""
+    fp32_copies = 0 if a == 4 else 8
     noise = 4 if setup.precision == "bf16" else 0
     adalomo_buffer = 4 if setup.method == "adalomo" else 0
-    return extra + max(noise, adalomo_buffer)
+    return numel * a + numel * (fp32_copies + max(noise, adalomo_buffer))
 
 
 def _norm_saved(shape: Shape, a: int) -> int:
