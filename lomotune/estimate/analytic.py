@@ -153,8 +153,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
 
     weights = _weights(shape, setup, a)
     state = _optimizer_state(shape, setup, a)
-    # FSDP all-gathers one layer (and prefetches the next) in full on every rank.
-    gathered = 2 * shape.layer_params() * a if shard > 1 else 0
+    gathered = _fsdp_gathered(shape, shard, a)
     weights_part = {"weights": weights // shard + gathered}
     if method == "qlora-sgd":
         weights_part = {"weights": weights // shard + gathered, **_qlora_adapters(shape, setup)}
@@ -197,18 +196,18 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
             phases["update of the largest tensor"] = {
                 **base,
                 "activations_kept": inputs,
-                "gradients": fused_update_bytes(v * h, setup, a),
+                "gradients": _fused_update_under_fsdp(v * h, setup, a),
             }
         else:
             phases["update of the largest tensor"] = {
                 **base,
                 **kept_parts,
                 "logits_loss": n * h * a,  # gradient of the loss input, alive until the body
-                "gradients": fused_update_bytes(v * h, setup, a),
+                "gradients": _fused_update_under_fsdp(v * h, setup, a),
             }
     top_grads = {
-        "lomo": fused_update_bytes(largest_layer, setup, a),
-        "adalomo": fused_update_bytes(largest_layer, setup, a),
+        "lomo": _fused_update_under_fsdp(largest_layer, setup, a),
+        "adalomo": _fused_update_under_fsdp(largest_layer, setup, a),
         "qlora-sgd": 0,
     }.get(method, (head_grad + shape.layer_params() * a) // shard)
     if shape.tied and method in FUSED and method != "qlora-sgd":
@@ -299,6 +298,28 @@ def _rows_cols(shape: Shape, index: int) -> int:
     kv = shape.kv_heads * shape.head_dim
     rows_cols = [h + h, kv + h, kv + h, h + h] + [i + h] * (3 if shape.family == "llama" else 2)
     return rows_cols[index]
+
+
+def _fsdp_gathered(shape: Shape, ranks: int, a: int) -> int:
+    """Bytes of parameters gathered in full beyond a rank's shard, under lomotune's FSDP2
+    (distributed.py: one unit per decoder layer, the rest in the root unit): the layer
+    running and the next one prefetched, and the root unit (embeddings, lm_head, final
+    norm), which FSDP2 keeps gathered from the forward through the backward (its
+    reshard_after_forward is off for the root). Read from the code and FSDP2's
+    documentation: not yet checked against a simulation over a fake process group."""
+    if ranks == 1:
+        return 0
+    root = shape.params() - shape.layers * shape.layer_params()
+    return 2 * shape.layer_params() * a + root * a * (ranks - 1) // ranks
+
+
+def _fused_update_under_fsdp(numel: int, setup: Setup, a: int) -> int:
+    """A fused hook's bytes for one tensor: on one GPU `fused_update_bytes`; under FSDP
+    the hook updates this rank's rows only, after the reduce-scatter of the whole
+    gradient, counted as still alive (an upper bound: FSDP2 may have freed it)."""
+    if setup.gpus == 1:
+        return fused_update_bytes(numel, setup, a)
+    return numel * a + fused_update_bytes(numel // setup.gpus, setup, a)
 
 
 def fused_update_bytes(numel: int, setup: Setup, a: int) -> int:
