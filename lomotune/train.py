@@ -106,10 +106,9 @@ class Run:
     warnings: list[str] = field(default_factory=list)  # likewise, shown as warnings
     results: dict[str, Any] = field(default_factory=dict)
     # The memory estimate of this run's step (None where the formulas do not cover the
-    # model: estimate_note says why) and the memory measured before the first step.
+    # model: estimate_note says why).
     estimate: Estimate | None = None
     estimate_note: str | None = None
-    memory_before_steps: int = 0
     model_config: Any = None  # the transformers config the estimate reads
 
 
@@ -514,7 +513,7 @@ def fit(run: Run, stop: GracefulStop) -> None:
         state.epoch, state.index = state.epoch + 1, 0
     batches = run.loader.iterate(start_epoch=state.epoch, start_index=state.index)
     run.loaded.model.train()
-    run.memory_before_steps = run.meter.current_bytes()
+    first_step = state.step + 1
     while state.step < run.total_steps:
         lr = lr_at(state.step, run.total_steps, recipe.optimizer)
         step_batches = []
@@ -522,11 +521,15 @@ def fit(run: Run, stop: GracefulStop) -> None:
             epoch, index, batch = next(batches)
             step_batches.append(batch)
         run.meter.reset_peak()
+        at_start = run.meter.current_bytes()
         started = time.perf_counter()
         result = run.engine.step(step_batches, lr)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         seconds = time.perf_counter() - started
+        if state.step >= first_step:  # not the first: it pages in weights, creates state
+            rise = run.meter.peak_bytes() - at_start
+            run.results["step_memory"] = max(run.results.get("step_memory", 0), rise)
         # The next batch position: after the last one used.
         state.epoch, state.index = (epoch, index + 1)
         if state.index >= run.loader.batches_per_epoch:
@@ -845,8 +848,7 @@ def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:
         **estimate_for_run.comparison(
             run.estimate,
             run.estimate_note,
-            int(run.results.get("peak_memory", run.meter.peak_bytes())),  # this process's
-            run.memory_before_steps,
+            run.results.get("step_memory"),
             run.meter.kind,
         ),
         "peak_memory_spread": int(max(peaks) - min(peaks)),

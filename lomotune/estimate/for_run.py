@@ -7,9 +7,10 @@ What is compared with what:
   quantity as the estimate's "tensors at the peak" (the CUDA context is apart in both);
 - on a CPU the measured peak is the process's RSS, which also holds the Python and torch
   runtime, the tokenizer and the data. The run therefore also records its step memory:
-  the peak RSS above the RSS just before the first step (weights loaded), set against
-  the estimate's tensors beyond the weights. It also holds the malloc arenas' slack and
-  whatever a first step imports: the nearest measured number a CPU run has without a
+  the largest rise of RSS within one step (from its start to its peak), the first step
+  left out (it pages in memory-mapped weights, creates optimizer state, imports code),
+  set against the estimate's tensors beyond the weights and optimizer state. It also
+  holds the malloc arenas' slack: the nearest measured number a CPU run has without a
   tracker, comparable on a real model, not on a tiny one (a few MiB of tensors).
 """
 
@@ -164,11 +165,10 @@ def choose_batch_size(
     return batch, why
 
 
-def comparison(
-    e: Estimate | None, note: str | None, measured_peak: int, before_steps: int, kind: str
-) -> dict:
+def comparison(e: Estimate | None, note: str | None, step_memory: int | None, kind: str) -> dict:
     """The summary's memory entries: predicted next to measured, and what is comparable.
-    `before_steps`: the memory measured just before the first step (weights loaded)."""
+    `step_memory`: the largest rise of the measured memory within a step, over every
+    step but the first (None after a single step)."""
     out: dict = {"peak_memory_predicted": e.tensor_bytes if e else None}
     if e is None:
         out["peak_memory_predicted_note"] = note
@@ -178,12 +178,12 @@ def comparison(
     if kind.startswith("cuda"):
         out["memory_compare"] = "peak memory (allocator) against predicted: the same tensors"
     else:
-        resident = e.parts.get("weights", 0) + e.parts.get("lora_adapters", 0)
-        out["step_memory"] = max(0, measured_peak - before_steps)
-        out["step_memory_predicted"] = e.tensor_bytes - resident
+        persistent = ("weights", "lora_adapters", "optimizer_state")
+        out["step_memory"] = step_memory
+        out["step_memory_predicted"] = e.tensor_bytes - sum(e.parts.get(k, 0) for k in persistent)
         out["memory_compare"] = (
-            "process RSS holds the runtime and the data: compare step memory (peak RSS "
-            "above the RSS before the first step) with its prediction (the tensors beyond "
-            "the weights)"
+            "process RSS holds the runtime and the data: compare step memory (the largest "
+            "rise of RSS within a step, first step left out) with its prediction (the "
+            "tensors beyond the weights and optimizer state)"
         )
     return out
