@@ -50,7 +50,13 @@ def table(estimates: list[Estimate], title: str) -> Table:
     """One column per method: parts, tensor total, total with overhead, the smallest
     common GPU it fits. Method names break at their hyphen and the labels are short, so
     that seven methods fit an 80-column terminal; `peak_lines` says where each peaks."""
-    out = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    out = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        min_width=min(len(title), 80),  # a one-method table does not wrap its title
+    )
     out.add_column("GiB per GPU")
     for e in estimates:
         out.add_column(e.method.replace("-", "-\n"), justify="right")
