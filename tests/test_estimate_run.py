@@ -117,3 +117,19 @@ def test_out_of_memory_quotes_the_estimate_and_the_batch_that_fits(
     else:
         assert "batch 5 is predicted to need" in text
         assert "training.batch_size: 5 (now 12)" in text
+
+
+def test_batch_size_auto_on_resume_takes_the_checkpoints(tmp_path, monkeypatch):
+    at_20, at_21 = (tiny_estimate("lomo", b).tensor_bytes for b in (20, 21))
+    fixed_budget(monkeypatch, (at_20 + at_21) // 2)
+    out = tmp_path / "run"
+    first = train(out, "training.max_steps=1", "training.batch_size=auto")
+    assert first.exit_code == 0, first.output
+    fixed_budget(monkeypatch, 2**40)  # more memory now: a fresh choice would differ
+    again = runner.invoke(
+        app,
+        ["train", TINY, f"training.output_dir={out}", "hardware.threads=1", "training.max_steps=2",
+         "training.batch_size=auto", "--plain", "--resume"],
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert "training.batch_size auto: 20, the batch of the checkpoint resumed" in again.output
