@@ -277,8 +277,10 @@ def estimate(
         f"checkpointing {'on' if setup.checkpointing else 'off'}, {setup.gpus} GPU(s)"
         + (", simulated" if simulate else "")
     )
+    if simulate:
+        notes.append("simulated: MemTracker's categories; temporaries of backward are one part")
     if json_out:
-        out = report.as_json(results)
+        out = report.as_json(results, notes)
         if max_batch:
             for m, b in fitting.items():
                 out[m]["max_batch"] = b
@@ -288,15 +290,13 @@ def estimate(
         for note in notes:
             console.print(f"note: {note}", highlight=False)
         console.print(report.table(results, title))
+        for line in report.peak_lines(results):
+            console.print(line, highlight=False)
         if max_batch:
             for m, b in fitting.items():
                 console.print(
                     f"{m}: largest batch of {setup.seq_len} tokens in {gpu_mem:g} GiB: {b}"
                 )
-        if simulate:
-            console.print(
-                "simulated: MemTracker's categories; temporaries of backward are one part"
-            )
     if plot_path is not None:
         report.plot(results, plot_path, title)
 

@@ -68,6 +68,8 @@ def _format_value(key: str, value: Any) -> str:
         return "-"
     if isinstance(value, (bool, str)):
         return str(value)
+    if isinstance(value, dict):  # a breakdown (memory parts): each value as its key says
+        return ", ".join(f"{k} {_format_value(key, v)}" for k, v in value.items())
     if not isinstance(value, (int, float)):
         return str(value)
     if key.startswith("mem") or "memory" in key or key.endswith("_bytes"):
@@ -107,6 +109,10 @@ _LABELS = {
     "mem_peak": "peak memory",
     "mem_current": "memory",
     "mem_kind": "memory kind",
+    "peak_memory_predicted": "peak memory predicted (tensors)",
+    "peak_memory_predicted_parts": "predicted, by part",
+    "peak_memory_predicted_at": "predicted peak at",
+    "peak_memory_above_start": "peak memory above start",
     "wall_time": "wall time",
     "mfu": "MFU",
 }

@@ -268,7 +268,7 @@ def refusal(recipe: Recipe, world_size: int) -> str | None:
         return None
     if missing_gpus(recipe.hardware):
         return missing_gpus(recipe.hardware)
-    if recipe.training.batch_size < world_size:
+    if recipe.training.batch_size != "auto" and recipe.training.batch_size < world_size:
         return (
             f"training.batch_size: {recipe.training.batch_size} rows cannot be split over "
             f"{world_size} processes; set it to at least {world_size}"

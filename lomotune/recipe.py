@@ -10,10 +10,18 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # auto: bf16 where the hardware computes in it natively, else fp32 (see precision.py).
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -167,8 +175,23 @@ class OptimizerConfig(Section):
         return self
 
 
+def _batch_size(value: Any) -> Any:
+    """One problem for a bad batch size (not one per member of `int | "auto"`)."""
+    if value == "auto":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str) and value.strip().isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(
+        f"training.batch_size: should be a whole number of at least 1, or auto (got {value!r})"
+    )
+
+
 class TrainingConfig(Section):
-    batch_size: int = Field(8, ge=1)
+    batch_size: Annotated[int | Literal["auto"], BeforeValidator(_batch_size)] = Field(
+        8, description="auto = the largest the memory estimate says fits the device"
+    )
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     eval_every: int = Field(50, ge=0)

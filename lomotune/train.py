@@ -41,6 +41,8 @@ from lomotune.checkpoint import (
 from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
 from lomotune.data import BatchLoader, PreparedData, prepare_data
 from lomotune.distributed import World, any_rank, share_from_main
+from lomotune.estimate import Estimate, EstimateError
+from lomotune.estimate import for_run as estimate_for_run
 from lomotune.evaluate.during_training import task_metrics
 from lomotune.evaluate.exact_match import ExactMatch, exact_match
 from lomotune.models import (
@@ -104,6 +106,11 @@ class Run:
     notes: list[str] = field(default_factory=list)  # from setup, shown at the start
     warnings: list[str] = field(default_factory=list)  # likewise, shown as warnings
     results: dict[str, Any] = field(default_factory=dict)
+    # The memory estimate of this run's step (None where the formulas do not cover the
+    # model: estimate_note says why).
+    estimate: Estimate | None = None
+    estimate_note: str | None = None
+    model_config: Any = None  # the transformers config the estimate reads
 
 
 def train(
@@ -250,6 +257,8 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
         a, b = saved, current
         for part in key.split("."):
             a, b = (a or {}).get(part), (b or {}).get(part)
+        if key == "training.batch_size" and b == "auto":
+            continue  # the run takes the checkpoint's batch size
         if a != b:
             out.append(f"{key}: checkpoint has {a!r}, recipe has {b!r}")
     return out
@@ -280,15 +289,36 @@ def setup(
         torch.set_num_threads(recipe.hardware.threads)
     seed_everything(recipe.training.seed)
     opt = recipe.optimizer
+    meter = MemoryMeter(device)
+    auto_batch = recipe.training.batch_size == "auto"
+    budget = estimate_for_run.device_budget(device) if auto_batch else None  # model not loaded
     # A sharded run reads the weights on rank 0 only; the other ranks get their shards.
     empty = world.is_distributed and not world.is_main and distributed.shards(recipe)
     loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd", empty=empty)
+    model_config = loaded.model.config
     lora = opt.lora if opt.lora is not None or opt.name != "qlora-sgd" else LoraConfig()
     if lora is not None:  # qlora-sgd always trains adapters: QLoRA's defaults if none given
         from lomotune.lora import add_lora_adapters
 
         loaded.model = add_lora_adapters(loaded.model, lora)
     data = prepare_data(recipe.data, loaded.tokenizer, seed=recipe.training.seed)
+    notes = []
+    if auto_batch:
+        batch, why = share_from_main(  # one choice for every process
+            world,
+            lambda: auto_batch_size(
+                recipe,
+                model_config,
+                device,
+                world,
+                budget,
+                checkpoint,
+                data,
+                loaded.tokenizer.pad_token_id,
+            ),
+        )
+        recipe.training.batch_size = batch
+        notes.append(why)
     loader = BatchLoader(
         data.train,
         batch_size=recipe.training.batch_size,
@@ -326,7 +356,14 @@ def setup(
             f"training.output_dir: cannot create {output_dir}: {e.strerror or e}. Set it to a folder you can write",
             EXIT_BAD_INPUT,
         ) from None
-    notes = [note] if (note := loss_note(model)) else []
+    notes += [note] if (note := loss_note(model)) else []
+    predicted, predicted_note = None, None
+    try:
+        predicted = estimate_for_run.predict(
+            recipe, model_config, device.type, world.size, recipe.training.batch_size
+        )
+    except EstimateError as e:
+        predicted_note = f"no memory estimate: {e}"
     warnings = method_warnings(recipe)
     if checkpoint is not None:
         state, tensors, payload = load_checkpoint(checkpoint)
@@ -358,13 +395,52 @@ def setup(
         state=state,
         dashboard=Dashboard(total_steps, title, live=live, enabled=world.is_main),
         metrics=MetricsLog(output_dir / METRICS_FILE, enabled=world.is_main),
-        meter=MemoryMeter(device),
+        meter=meter,
         world=world,
         resumed_from=checkpoint,
         saved=(state.step, checkpoint) if checkpoint is not None else None,
         notes=notes,
         warnings=warnings,
+        estimate=predicted,
+        estimate_note=predicted_note,
+        model_config=model_config,
     )
+
+
+def auto_batch_size(
+    recipe: Recipe,
+    config,
+    device: torch.device,
+    world: World,
+    budget: estimate_for_run.Budget | None,
+    checkpoint: Path | None,
+    data: PreparedData,
+    pad_id: int,
+) -> tuple[int, str]:
+    """`training.batch_size: auto`: the checkpoint's batch on a resume, else the largest
+    the memory estimate says fits the device (at most the training rows there are)."""
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint)[0].recipe["training"]["batch_size"]
+        return saved, f"training.batch_size auto: {saved}, the batch of the checkpoint resumed"
+    rows = BatchLoader(  # rows of training data (packed rows when packing)
+        data.train,
+        batch_size=1,
+        seed=recipe.training.seed,
+        pad_id=pad_id,
+        packing=recipe.data.packing,
+        max_length=recipe.data.max_length,
+    ).batches_per_epoch
+    try:
+        return estimate_for_run.choose_batch_size(
+            recipe, config, device.type, world.size, budget, rows
+        )
+    except EstimateError as e:
+        raise RecipeError(
+            [
+                f"training.batch_size: auto needs the memory estimate, which failed: {e}. "
+                "Set training.batch_size to a number"
+            ]
+        ) from None
 
 
 def method_warnings(recipe: Recipe) -> list[str]:
@@ -440,6 +516,7 @@ def fit(run: Run, stop: GracefulStop) -> None:
         state.epoch, state.index = state.epoch + 1, 0
     batches = run.loader.iterate(start_epoch=state.epoch, start_index=state.index)
     run.loaded.model.train()
+    first_step = state.step + 1
     while state.step < run.total_steps:
         lr = lr_at(state.step, run.total_steps, recipe.optimizer)
         step_batches = []
@@ -447,11 +524,15 @@ def fit(run: Run, stop: GracefulStop) -> None:
             epoch, index, batch = next(batches)
             step_batches.append(batch)
         run.meter.reset_peak()
+        at_start = run.meter.current_bytes()
         started = time.perf_counter()
         result = run.engine.step(step_batches, lr)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         seconds = time.perf_counter() - started
+        if state.step >= first_step:  # not the first: it pages in weights, creates state
+            rise = run.meter.peak_bytes() - at_start
+            run.results["step_memory"] = max(run.results.get("step_memory", 0), rise)
         # The next batch position: after the last one used.
         state.epoch, state.index = (epoch, index + 1)
         if state.index >= run.loader.batches_per_epoch:
@@ -642,9 +723,8 @@ def out_of_memory(run: Run, error: BaseException) -> TrainError:
     r = run.recipe
     where = "GPU" if run.device.type == "cuda" else "host"
     peak = format_bytes(run.meter.peak_bytes())
-    fixes = [
-        f"training.batch_size: {max(1, r.training.batch_size // 2)} (now {r.training.batch_size})"
-    ]
+    batch, estimate_said = batch_that_fits(run)
+    fixes = [f"training.batch_size: {batch} (now {r.training.batch_size})"]
     if not r.model.activation_checkpointing:
         fixes.append("model.activation_checkpointing: true")
     if r.optimizer.name in ("adamw", "adam-mini", "sgd"):
@@ -653,10 +733,43 @@ def out_of_memory(run: Run, error: BaseException) -> TrainError:
         fixes.append(f"data.max_length: {r.data.max_length // 2}")
     return TrainError(
         f"out of {where} memory at step {run.state.step + 1} (peak seen {peak}): {str(error).splitlines()[0][:200]}\n"
-        "Changes that lower the peak: "
-        + "; ".join(fixes)
-        + ". (`lomotune estimate` is not available yet.)",
+        f"{estimate_said}\n"
+        "Changes that lower the peak: " + "; ".join(fixes),
         EXIT_OUT_OF_MEMORY,
+    )
+
+
+def batch_that_fits(run: Run) -> tuple[int, str]:
+    """(the batch to suggest, what the memory estimate says) after an out-of-memory stop:
+    the largest batch the estimate fits in the device, or half the batch where the
+    estimate cannot tell or thought this one fitted."""
+    batch = run.recipe.training.batch_size
+    half = max(1, batch // 2)
+    if run.estimate is None:
+        return half, f"({run.estimate_note})"
+    e, kind = run.estimate, run.device.type
+    said = (
+        f"The memory estimate for batch {batch} x {run.recipe.data.max_length}: "
+        f"{format_bytes(estimate_for_run.needed_bytes(e, kind))} (peak at {e.phase})"
+    )
+    budget = estimate_for_run.device_budget(run.device, whole_device=True)
+    if budget is None:
+        return half, said + "; the device's size is unknown here."
+    fitting = estimate_for_run.largest_batch(
+        run.recipe, run.model_config, kind, run.world.size, budget, limit=batch
+    )
+    if fitting >= batch:
+        return half, (
+            f"{said}, within {budget.reason}: what ran out is memory the estimate does not "
+            "count (other processes, allocator fragmentation, a longer data.max_length than "
+            "the batches had)."
+        )
+    if fitting == 0:
+        return 1, f"{said}; not even batch 1 fits {budget.reason} by the estimate."
+    more = estimate_for_run.predict(run.recipe, run.model_config, kind, run.world.size, fitting)
+    return fitting, (
+        f"{said}, over {budget.reason}; batch {fitting} is predicted to need "
+        f"{format_bytes(estimate_for_run.needed_bytes(more, kind))}."
     )
 
 
@@ -735,6 +848,12 @@ def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:
         "tokens_per_s": run.throughput.overall,  # all processes together
         "tokens_per_s_per_process": (run.throughput.overall or 0) / run.world.size,
         "peak_memory": int(max(peaks)),  # the largest of any process
+        **estimate_for_run.comparison(
+            run.estimate,
+            run.estimate_note,
+            run.results.get("step_memory"),
+            run.meter.kind,
+        ),
         "peak_memory_spread": int(max(peaks) - min(peaks)),
         "process_peak_memory": run.meter.process_peak_bytes(),
         "memory_kind": run.meter.kind,

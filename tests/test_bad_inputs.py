@@ -54,7 +54,7 @@ CASES = {
     "YAML not a mapping": ("list.yaml", [], ["the top level must be a mapping of sections", "not a list"]),
     "no recipe file": ("missing.yaml", [], ["no such file", "lomotune recipes"]),
     "override without =": (None, ["optimizer.lr"], ["override 'optimizer.lr': write it as key.path=value"]),
-    "wrong type": (None, ["training.batch_size=eight"], ["training.batch_size: input should be a valid integer", "(got 'eight')"]),
+    "wrong type": (None, ["training.batch_size=eight"], ["training.batch_size: should be a whole number of at least 1, or auto", "(got 'eight')"]),
     "wrong type of a section": (None, ["optimizer=fast"], ["optimizer: input should be a valid dictionary"]),
     "unknown key": (None, ["optimizer.weight_decy=0.1"], ["optimizer.weight_decy: unknown key; did you mean optimizer.weight_decay?"]),
     "unknown section": (None, ["trainer.steps=3"], ["trainer: unknown key"]),

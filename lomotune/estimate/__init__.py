@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from lomotune.estimate.analytic import METHODS, Estimate, EstimateError, Setup, Shape, estimate
+from lomotune.estimate.for_run import largest_fitting
 from lomotune.estimate.shapes import resolve_config, shape_of
 from lomotune.estimate.simulate import SimulationError, simulate_step
 
@@ -60,16 +61,7 @@ def max_batch(config, setup: Setup, gpu_gib: float, limit: int = 4096) -> int:
     def fits(b: int) -> bool:
         return estimate(shape, replace(setup, batch_size=b)).total_bytes <= budget
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return largest_fitting(fits, limit)
 
 
 __all__ = [
@@ -98,10 +90,17 @@ def setup_from_recipe(recipe, *, method: str | None = None) -> tuple[str, Setup,
     if gpus == "auto" or gpus == 0:
         notes.append(f"hardware.gpus {gpus}: estimated for one GPU")
         gpus = 1
+    batch = recipe.training.batch_size
+    if batch == "auto":
+        notes.append(
+            "training.batch_size auto: a run picks the largest that fits its device; "
+            "estimated here for batch 1 (--max-batch gives the largest for --gpu-mem)"
+        )
+        batch = 1
     lora = recipe.optimizer.lora
     setup = Setup(
         method=method or recipe.optimizer.name,
-        batch_size=recipe.training.batch_size,
+        batch_size=batch,
         seq_len=recipe.data.max_length,
         precision=precision,
         checkpointing=recipe.model.activation_checkpointing,

@@ -79,7 +79,9 @@ class Shape:
         return sum(self.layer_matrices()) + small
 
     def embedding_params(self) -> int:
-        extra = self.max_positions * self.hidden if self.family == "opt" else 0
+        # OPT learns its positions, with 2 rows more than its context (an offset kept
+        # from fairseq)
+        extra = (self.max_positions + 2) * self.hidden if self.family == "opt" else 0
         return self.vocab * self.hidden + extra
 
     def params(self) -> int:
@@ -151,8 +153,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
 
     weights = _weights(shape, setup, a)
     state = _optimizer_state(shape, setup, a)
-    # FSDP all-gathers one layer (and prefetches the next) in full on every rank.
-    gathered = 2 * shape.layer_params() * a if shard > 1 else 0
+    gathered = _fsdp_gathered(shape, shard, a)
     weights_part = {"weights": weights // shard + gathered}
     if method == "qlora-sgd":
         weights_part = {"weights": weights // shard + gathered, **_qlora_adapters(shape, setup)}
@@ -177,7 +178,6 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         return _mezo(shape, setup, a, base, inputs, t, n, c)
 
     head_grad = v * h * a
-    upd = _update_bytes_per_element(setup, a)
     largest_layer = max(shape.layer_matrices())
     grads_all = shape.params() * a if method not in FUSED else 0
     if method == "qlora-sgd":
@@ -196,18 +196,18 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
             phases["update of the largest tensor"] = {
                 **base,
                 "activations_kept": inputs,
-                "gradients": v * h * (a + upd),
+                "gradients": _fused_update_under_fsdp(v * h, setup, a),
             }
         else:
             phases["update of the largest tensor"] = {
                 **base,
                 **kept_parts,
                 "logits_loss": n * h * a,  # gradient of the loss input, alive until the body
-                "gradients": v * h * (a + upd),
+                "gradients": _fused_update_under_fsdp(v * h, setup, a),
             }
     top_grads = {
-        "lomo": largest_layer * (a + upd),
-        "adalomo": largest_layer * (a + upd),
+        "lomo": _fused_update_under_fsdp(largest_layer, setup, a),
+        "adalomo": _fused_update_under_fsdp(largest_layer, setup, a),
         "qlora-sgd": 0,
     }.get(method, (head_grad + shape.layer_params() * a) // shard)
     if shape.tied and method in FUSED and method != "qlora-sgd":
@@ -267,10 +267,11 @@ def _optimizer_state(shape: Shape, setup: Setup, a: int) -> int:
     if setup.method == "adamw":
         return p * (8 if setup.mixed_precision else 2 * a)
     if setup.method == "adam-mini":
-        # m for every weight; a full v for the embedding and output layers (Adam-mini
-        # keeps Adam there), one v per head / output neuron elsewhere (negligible).
-        full_v = shape.vocab * shape.hidden * (1 if shape.tied else 2)
-        return p * a + full_v * a
+        # adam-mini 1.1: m for every weight, in the weights' dtype; v is one number per
+        # block: per head for q and k, per output row (token, neuron) for the embedding,
+        # lm_head, v, o and the MLP, one per norm. (The paper's Adam-for-the-embedding
+        # was dropped by the package: its embedding has one v per token.)
+        return p * a + _adam_mini_v_elements(shape) * a
     if setup.method == "adalomo":
         # fp32 row and column means per matrix; a full fp32 v for vectors
         per_layer = sum(_rows_cols(shape, m) for m in range(len(shape.layer_matrices())))
@@ -282,6 +283,16 @@ def _optimizer_state(shape: Shape, setup: Setup, a: int) -> int:
     return 0
 
 
+def _adam_mini_v_elements(shape: Shape) -> int:
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    per_layer = shape.heads + shape.kv_heads + kv + h  # q, k heads; v, o rows
+    per_layer += (2 * i + h if shape.family == "llama" else i + h) + 2  # MLP rows, norms
+    if shape.family != "llama":  # biases: Adam, a full v each
+        per_layer += 2 * h + 2 * kv + i + h
+    embeddings = shape.vocab * (1 if shape.tied else 2)
+    return shape.layers * per_layer + embeddings + 1
+
+
 def _rows_cols(shape: Shape, index: int) -> int:
     h, i = shape.hidden, shape.intermediate
     kv = shape.kv_heads * shape.head_dim
@@ -289,15 +300,39 @@ def _rows_cols(shape: Shape, index: int) -> int:
     return rows_cols[index]
 
 
-def _update_bytes_per_element(setup: Setup, a: int) -> int:
-    """Extra bytes per element while the fused hook updates one tensor: the fp32
-    gradient and fp32 working copy (when the weights are not fp32), the stochastic
-    rounding noise (bf16), AdaLomo's update buffer."""
-    extra = 0 if a == 4 else 8
-    # The noise words (bf16) are drawn after AdaLomo's buffer is freed: the larger counts.
+def _fsdp_gathered(shape: Shape, ranks: int, a: int) -> int:
+    """Bytes of parameters gathered in full beyond a rank's shard, under lomotune's FSDP2
+    (distributed.py: one unit per decoder layer, the rest in the root unit): the layer
+    running and the next one prefetched, and the root unit (embeddings, lm_head, final
+    norm), which FSDP2 keeps gathered from the forward through the backward (its
+    reshard_after_forward is off for the root). Read from the code and FSDP2's
+    documentation: not yet checked against a simulation over a fake process group."""
+    if ranks == 1:
+        return 0
+    root = shape.params() - shape.layers * shape.layer_params()
+    return 2 * shape.layer_params() * a + root * a * (ranks - 1) // ranks
+
+
+def _fused_update_under_fsdp(numel: int, setup: Setup, a: int) -> int:
+    """A fused hook's bytes for one tensor: on one GPU `fused_update_bytes`; under FSDP
+    the hook updates this rank's rows only, after the reduce-scatter of the whole
+    gradient, counted as still alive (an upper bound: FSDP2 may have freed it)."""
+    if setup.gpus == 1:
+        return fused_update_bytes(numel, setup, a)
+    return numel * a + fused_update_bytes(numel // setup.gpus, setup, a)
+
+
+def fused_update_bytes(numel: int, setup: Setup, a: int) -> int:
+    """Bytes alive while a fused method's hook updates one tensor of `numel` elements:
+    its gradient in the model's dtype, and the update's temporaries per element: the
+    fp32 gradient and fp32 working copy (when the weights are not fp32), the stochastic
+    rounding noise (bf16) or AdaLomo's update buffer, whichever is larger (the noise
+    words are drawn after the buffer is freed). The one place to change when the update
+    works through a large tensor in slices (the temporaries would then cover a slice)."""
+    fp32_copies = 0 if a == 4 else 8
     noise = 4 if setup.precision == "bf16" else 0
     adalomo_buffer = 4 if setup.method == "adalomo" else 0
-    return extra + max(noise, adalomo_buffer)
+    return numel * a + numel * (fp32_copies + max(noise, adalomo_buffer))
 
 
 def _norm_saved(shape: Shape, a: int) -> int:
@@ -323,7 +358,9 @@ def _layer_saved(shape: Shape, setup: Setup, a: int) -> int:
         per_token += h * a  # the residual sum feeding the second norm
         per_token += 4 * i * a  # gate, silu(gate), up, their product (down_proj input)
     else:
-        per_token += h * a + 2 * i * a  # residual; fc1 output and activation output
+        # the residual; the activation's output (fc2's input), and for GELU (GPT-NeoX)
+        # also its input: ReLU's backward (OPT) needs its output only
+        per_token += h * a + (1 if shape.family == "opt" else 2) * i * a
     attention = b * s * s * a  # the padding mask expanded to the model dtype
     if setup.attention == "eager":
         # scores, softmax in fp32 and its cast: the s^2 tensors flash attention never keeps

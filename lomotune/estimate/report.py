@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from lomotune.estimate.analytic import Estimate, GiB
@@ -22,36 +23,72 @@ PART_LABELS = {
 }
 
 
+# Row labels of the table: short enough that seven methods fit 80 columns.
+SHORT_LABELS = {
+    "weights": "weights",
+    "lora_adapters": "LoRA (fp32)",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "optimizer_step_temporary": "step temporaries",
+    "activations_kept": "activations kept",
+    "layer_transient": "layer recompute+bw",
+    "logits_loss": "logits / loss",
+    "cuda_overhead": "CUDA ctx (apart)",
+}
+
+
 def gib(n: int | float) -> str:
     return f"{n / GiB:.2f}"
 
 
-def fits(total_bytes: int) -> str:
+def smallest_gpu(total_bytes: int) -> str:
     ok = [g for g in GPU_SIZES_GIB if total_bytes <= g * GiB]
-    return ", ".join(f"{g}" for g in ok) + " GiB" if ok else "none (over 141 GiB)"
+    return f"{ok[0]}" if ok else "none"
 
 
 def table(estimates: list[Estimate], title: str) -> Table:
-    """One column per method: parts, tensor total, total with overhead, which GPUs."""
-    out = Table(title=title, title_justify="left")
+    """One column per method: parts, tensor total, total with overhead, the smallest
+    common GPU it fits. Method names break at their hyphen and the labels are short, so
+    that seven methods fit an 80-column terminal; `peak_lines` says where each peaks."""
+    out = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        min_width=min(len(title), 80),  # a one-method table does not wrap its title
+    )
     out.add_column("GiB per GPU")
     for e in estimates:
-        out.add_column(e.method, justify="right")
-    for key, label in PART_LABELS.items():
+        out.add_column(e.method.replace("-", "-\n"), justify="right")
+    for key, label in SHORT_LABELS.items():
         if key == "cuda_overhead" or not any(e.parts.get(key) for e in estimates):
             continue
         out.add_row(label, *[gib(e.parts.get(key, 0)) for e in estimates])
-    out.add_row("tensors at the peak", *[gib(e.tensor_bytes) for e in estimates], style="bold")
-    out.add_row(PART_LABELS["cuda_overhead"], *[gib(e.parts["cuda_overhead"]) for e in estimates])
+    out.add_row("tensors at peak", *[gib(e.tensor_bytes) for e in estimates], style="bold")
+    out.add_row(SHORT_LABELS["cuda_overhead"], *[gib(e.parts["cuda_overhead"]) for e in estimates])
     out.add_row("total", *[gib(e.total_bytes) for e in estimates], style="bold")
-    out.add_row("peak is at", *[e.phase for e in estimates])
-    out.add_row("fits", *[fits(e.total_bytes) for e in estimates])
+    sizes = "/".join(str(g) for g in GPU_SIZES_GIB)
+    out.caption = f"smallest GPU it fits, of {sizes} GiB: " + ", ".join(
+        f"{e.method} {smallest_gpu(e.total_bytes)}" for e in estimates
+    )
+    out.caption_justify = "left"
     return out
 
 
-def as_json(estimates: list[Estimate]) -> dict:
+def peak_lines(estimates: list[Estimate]) -> list[str]:
+    """Where each method peaks, methods that peak at the same moment on one line."""
+    by_phase: dict[str, list[str]] = {}
+    for e in estimates:
+        by_phase.setdefault(e.phase, []).append(e.method)
+    return [f"peak at {phase}: {', '.join(methods)}" for phase, methods in by_phase.items()]
+
+
+def as_json(estimates: list[Estimate], notes: list[str]) -> dict:
+    """Per method: totals, parts (GiB), the peak's phase, the GPU sizes it fits, and the
+    notes (what the estimate took for what the recipe left open)."""
     return {
         e.method: {
+            "notes": notes,
             "total_gib": round(e.total_bytes / GiB, 4),
             "tensors_gib": round(e.tensor_bytes / GiB, 4),
             "phase": e.phase,

@@ -51,6 +51,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
                 or config.num_attention_heads,
                 verbose=False,
             )
+        # Adam-mini 1.1 takes any name containing "final_layer" for an output layer and
+        # fails on OPT's and GPT-NeoX's `final_layer_norm` (an IndexError on a 1-D
+        # weight): their output layers are found by "lm_head" / "embed" anyway.
+        optimizer.output_names.discard("final_layer")
         # Adam-mini takes torch.cuda.device_count() as its world size and all-gathers its
         # blocks' sizes over that many ranks, as if each held a shard. Here every
         # parameter is whole on its rank (one process, or data parallel: its gradient is
