@@ -106,10 +106,12 @@ def _score_contexts(
     next_token = out.logits[:, -1].float().log_softmax(-1)  # (contexts, vocab)
     cache = out.past_key_values
 
-    scores = [
-        [float(next_token[row, cont[0]]) for cont in conts]
-        for row, conts in enumerate(continuations)
-    ]
+    # Every continuation's first token in one indexing op and one read (not one read,
+    # a device sync on a GPU, per choice).
+    firsts = [(row, cont[0]) for row, conts in enumerate(continuations) for cont in conts]
+    rows, tokens = zip(*firsts, strict=True)
+    picked = iter(next_token[list(rows), list(tokens)].tolist())
+    scores = [[next(picked) for _ in conts] for conts in continuations]
     longer = [  # (context row, index among its continuations, tokens)
         (row, k, cont)
         for row, conts in enumerate(continuations)

@@ -289,7 +289,7 @@ class FusedEngine:
             grad = sum_replicated_gradient(param.grad)  # data parallel: every rank's rows
             param.grad = None  # freed now, whatever happens below
             if self._mode == "norm":
-                self._sq_parts.append((index, local_shard(grad)[0].detach().float().pow(2).sum()))
+                self._sq_parts.append((index, _squared_norm(local_shard(grad)[0].detach())))
             elif self._mode == "update":
                 self._update(index, param, grad)
 
@@ -302,13 +302,17 @@ class FusedEngine:
         # The hook already took the gradient off the parameter, so nothing else holds it:
         # an fp32 gradient is modified in place, not copied (one copy less per tensor).
         g = grad.float()
-        if self._sq_parts is not None:
-            sq = g.pow(2).sum()
-            self._sq_parts.append((index, sq))
+        # One reduction per tensor, with no full-size temporary: the squared norm when a
+        # norm is needed anyway (tracked for `previous`, or per-tensor clipping), else a
+        # plain sum. Either is non-finite when any element is (a finite sum overflowing
+        # fp32 would need gradients near 1e38).
+        sq = None
+        if self._sq_parts is not None or self.clip.mode == "per-tensor":
+            sq = _squared_norm(g)
             finite = sq.isfinite()
+            if self._sq_parts is not None:
+                self._sq_parts.append((index, sq))
         else:
-            # A sum is non-finite when any element is (a finite sum overflowing fp32
-            # would need gradients near 1e38): one reduction, no full-size temporary.
             finite = g.sum().isfinite()
         self._finite.append((index, finite))
         # From the first bad gradient on, nothing of this step is applied.
@@ -317,7 +321,8 @@ class FusedEngine:
         if self._grad_factor != 1.0:
             g.mul_(self._grad_factor)
         if self.clip.mode == "per-tensor":
-            norm = sum_over_ranks(g.pow(2).sum()).sqrt() if self.sharded else g.norm()
+            # The norm after the factor: the factor times the norm measured above.
+            norm = (sum_over_ranks(sq) if self.sharded else sq).sqrt() * self._grad_factor
             g.mul_((self.clip.max_norm / (norm + 1e-6)).clamp(max=1.0))
         working = param if param.dtype == torch.float32 else param.float()
         self.rule.apply(working, g, self.states[index], self._lr, self.step_count, ok)
@@ -376,3 +381,8 @@ class FusedEngine:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _squared_norm(t: torch.Tensor) -> torch.Tensor:
+    """sum(t^2) in fp32, as a 0-dim tensor on t's device, without a squared copy of t."""
+    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
