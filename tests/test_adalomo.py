@@ -13,6 +13,7 @@ import torch
 from lomotune.models import causal_lm_loss
 from lomotune.optim.adalomo import AdaLomoRule
 from lomotune.optim.engine import FusedEngine
+from lomotune.optim.slices import SlicedUpdate
 from lomotune.recipe import ClipConfig
 from lomotune.testing import random_batches, tiny_llama
 
@@ -198,9 +199,10 @@ def test_a_stack_of_expert_matrices_is_factored_per_matrix():
     single_states = [rule.init_state(s) for s in singles]
     ok = torch.tensor(True)
     for step, grad in enumerate(grads, start=1):
-        rule.apply(stack, grad.clone(), state, 0.01, step, ok)
+        rule.apply(SlicedUpdate(stack, grad.clone(), 1.0), state, 0.01, step, ok)
         for e in range(3):
-            rule.apply(singles[e], grad[e].clone(), single_states[e], 0.01, step, ok)
+            update = SlicedUpdate(singles[e], grad[e].clone(), 1.0)
+            rule.apply(update, single_states[e], 0.01, step, ok)
     for e in range(3):
         assert torch.allclose(stack[e], singles[e], rtol=1e-6, atol=0), e
     assert not torch.allclose(stack, torch.stack([s for s in singles]) * 0)  # it moved
@@ -246,7 +248,7 @@ def run_ranks(ranks: int, work) -> None:
 @pytest.mark.parametrize("shape", [(5, 4), (1, 4), (5,)])
 def test_rows_sharded_over_ranks_update_as_the_whole_tensor(shape):
     """Cut by rows as FSDP2 cuts (torch.chunk: (5, 4) -> 3 + 2 rows, (1, 4) -> 1 + 0),
-    each rank's rule sees its rows only and sums its statistics over the ranks: three
+    each rank's rule sees its rows only, one row per slice, and sums its statistics over the ranks: three
     steps (weight decay, clipping of U) end where the whole tensor's rule ends, weights,
     row factors and column factors alike."""
     torch.manual_seed(0)
@@ -256,7 +258,8 @@ def test_rows_sharded_over_ranks_update_as_the_whole_tensor(shape):
     whole_rule = AdaLomoRule(**kwargs)
     whole, whole_state = param.clone(), whole_rule.init_state(param)
     for step, g in enumerate(grads, start=1):
-        whole_rule.apply(whole, g.clone(), whole_state, 0.05, step, torch.tensor(True))
+        update = SlicedUpdate(whole, g.clone(), 1.0)
+        whole_rule.apply(update, whole_state, 0.05, step, torch.tensor(True))
 
     ranks = 2
     params = list(param.clone().chunk(ranks)) + [param[:0].clone()] * (
@@ -270,9 +273,9 @@ def test_rows_sharded_over_ranks_update_as_the_whole_tensor(shape):
         states[rank] = rule.init_state(params[rank])
         for step, g in enumerate(grads, start=1):
             rows = list(g.chunk(ranks)) + [g[:0]] * (ranks - len(g.chunk(ranks)))
-            rule.apply(
-                params[rank], rows[rank].clone(), states[rank], 0.05, step, torch.tensor(True)
-            )
+            # one row per slice: sliced and sharded at once
+            update = SlicedUpdate(params[rank], rows[rank].clone(), 1.0, budget=1)
+            rule.apply(update, states[rank], 0.05, step, torch.tensor(True))
 
     run_ranks(ranks, work)
     torch.testing.assert_close(torch.cat(params), whole, rtol=0, atol=1e-6)
@@ -303,7 +306,8 @@ def test_a_bad_gradient_on_one_rank_changes_nothing_on_any():
         grad = torch.ones(2, 3)
         if rank == 1:
             grad[0, 0] = float("nan")
-        rule.apply(params[rank], grad, states[rank], 0.05, 1, grad.sum().isfinite())
+        update = SlicedUpdate(params[rank], grad, 1.0)
+        rule.apply(update, states[rank], 0.05, 1, grad.sum().isfinite())
 
     run_ranks(2, work)
     assert torch.equal(torch.cat(params), param)

@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from lomotune.optim.rounding import stochastic_round_to_bf16
+from lomotune.optim.rounding import noise16, stochastic_round_to_bf16
 
 BF16_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7F0000))[0]
 
@@ -23,9 +23,8 @@ def f32_tensor(bit_patterns) -> torch.Tensor:
 
 def draws(x: torch.Tensor, n: int = 4000) -> torch.Tensor:
     """n roundings of each element of x -> (n, len(x)) fp32 values."""
-    gen = torch.Generator().manual_seed(0)
     big = x.repeat(n)
-    return stochastic_round_to_bf16(big, gen).float().view(n, -1)
+    return stochastic_round_to_bf16(big, key=0).float().view(n, -1)
 
 
 @pytest.mark.parametrize(
@@ -84,3 +83,42 @@ def test_each_finite_value_rounds_to_a_neighbour_without_bias(pattern):
 def test_representable_values_are_returned_exactly():
     x = torch.randn(1000).bfloat16().float()
     assert torch.equal(draws(x, 3), x.repeat(3, 1))
+
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(state: int) -> int:
+    """One splitmix64 output for `state` (Steele, Lea, Flood 2014), in Python integers."""
+    z = state & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("key", [0, 12345, 2**63 + 7, 2**64 - 1])
+def test_noise_is_the_documented_counter_hash(key):
+    start, n = 4 * 1000 + 3, 41  # starts inside a word, ends inside another
+    expected = [
+        (splitmix64(key + (k // 4) * 0x9E3779B97F4A7C15) >> (16 * (k % 4))) & 0xFFFF
+        for k in range(start, start + n)
+    ]
+    assert noise16(key, start, n).tolist() == expected
+
+
+def test_a_slice_draws_the_same_noise_as_the_whole():
+    whole = noise16(7, 0, 1000)
+    for start, n in [(0, 1), (1, 6), (5, 300), (999, 1)]:
+        assert torch.equal(noise16(7, start, n), whole[start : start + n])
+    x = torch.randn(10, 100)
+    rows = torch.cat(
+        [stochastic_round_to_bf16(x[r : r + 3], 9, start=r * 100) for r in (0, 3, 6, 9)]
+    )
+    assert torch.equal(rows, stochastic_round_to_bf16(x, 9))
+
+
+def test_noise_is_uniform_over_16_bits():
+    noise = noise16(3, 0, 1 << 18).float()
+    assert abs(float(noise.mean()) - 32767.5) < 5 * 18918 / 512  # 5 standard errors
+    counts = torch.bincount(noise16(3, 0, 1 << 18) >> 12, minlength=16).float()
+    assert float(((counts - 16384) ** 2 / 16384).sum()) < 45  # chi-square, 15 dof

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lomotune.optim.slices import DEFAULT_SLICE_BYTES, TEMP_BYTES_PER_ELEMENT
+
 GiB = 1024**3
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 METHODS = ("lomo", "adalomo", "mezo", "qlora-sgd", "adamw", "sgd", "adam-mini")
@@ -324,15 +326,18 @@ def _fused_update_under_fsdp(numel: int, setup: Setup, a: int) -> int:
 
 def fused_update_bytes(numel: int, setup: Setup, a: int) -> int:
     """Bytes alive while a fused method's hook updates one tensor of `numel` elements:
-    its gradient in the model's dtype, and the update's temporaries per element: the
-    fp32 gradient and fp32 working copy (when the weights are not fp32), the stochastic
-    rounding noise (bf16) or AdaLomo's update buffer, whichever is larger (the noise
-    words are drawn after the buffer is freed). The one place to change when the update
-    works through a large tensor in slices (the temporaries would then cover a slice)."""
-    fp32_copies = 0 if a == 4 else 8
-    noise = 4 if setup.precision == "bf16" else 0
-    adalomo_buffer = 4 if setup.method == "adalomo" else 0
-    return numel * a + numel * (fp32_copies + max(noise, adalomo_buffer))
+    its gradient in the model's dtype, and the update's temporaries, which cover one row
+    slice of at most `slices.DEFAULT_SLICE_BYTES` (optim/slices.py), not the tensor: per
+    element of a slice, the fp32 gradient and working copies (when the weights are not
+    fp32), then lomo: the rounding noise (bf16: int32 noise and its hash words, 6 bytes);
+    adalomo: its statistics pass (G^2, 4 bytes, and its fp64 copy for the column sums, 8)."""
+    copies = 0 if a == 4 else 8
+    if setup.method == "adalomo":
+        per_element = copies + 12
+    else:
+        per_element = copies + (6 if setup.precision == "bf16" else 0)
+    in_a_slice = min(numel, DEFAULT_SLICE_BYTES // TEMP_BYTES_PER_ELEMENT)
+    return numel * a + in_a_slice * per_element
 
 
 def _norm_saved(shape: Shape, a: int) -> int:

@@ -26,6 +26,13 @@ the finite-gradient flag need every rank's rows. `sum_over_shards` (a sum over r
 gives them: one collective for C, mean(R), RMS(theta) and the flag, one for RMS(U), so
 the result is the one-process update. A stack of matrices is sharded by whole matrices
 (dim 0 is the expert): all its statistics are local.
+
+The update is applied in row slices (optim/slices.py), in two passes: statistics, then
+the update, with no full-size temporary. Every statistic that crosses rows (column sums,
+mean(R), RMS(U), RMS(theta), the flag) is an fp64 sum, so slices and shards add up to the
+whole tensor's value; RMS(U) needs C_t, known only after the last row, so the first pass
+keeps S_j = sum_i G_ij^2 / R_i and uses sum U^2 = mean(R) sum_j S_j / C_j. Sharded, all
+of them travel in one collective.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import math
 from collections.abc import Callable
 
 import torch
+
+from lomotune.optim.slices import SlicedUpdate, squares_fp64
 
 
 class AdaLomoRule:
@@ -78,81 +87,122 @@ class AdaLomoRule:
         return key == "exp_avg_sq_col" and param.dim() == 2
 
     @torch.no_grad()
-    def apply(self, param, grad, state, lr: float, step: int, ok: torch.Tensor) -> None:
-        # param: fp32 (..., n, m) or a vector, updated in place; grad: fp32, same shape.
+    def apply(self, update: SlicedUpdate, state, lr: float, step: int, ok: torch.Tensor) -> None:
         # `step` is 1-based (the engine counts before the update), so beta_1 = 0: the first
         # step's second moment is exactly G^2 + eps1, as in Adafactor. `ok` False (a bad
-        # gradient in this step): weights and state stay exactly as they were.
+        # gradient in this step, here or on another rank): weights and state stay exactly
+        # as they were.
         beta = 1.0 - math.pow(step, self.decay_rate)
-        sharded = self.sum_over_shards is not None and param.dim() <= 2
-        shard = _Shard(self.sum_over_shards, param) if sharded else None
-        update = grad.square().add_(self.eps[0])  # G^2 + eps1; its buffer becomes U_t
-        if "exp_avg_sq_row" in state:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]  # (..., n), (..., m)
-            new_row = row.mul(beta).add_(update.mean(dim=-1), alpha=1.0 - beta)
-            if shard:
-                col_mean, row_mean, ok = shard.row_means(ok, update, new_row.unsqueeze(-1))
-            else:
-                col_mean, row_mean = update.mean(dim=-2), new_row.mean(dim=-1, keepdim=True)
-            new_col = col.mul(beta).add_(col_mean, alpha=1.0 - beta)
-            row.copy_(torch.where(ok, new_row, row))  # O(n + m): cheap to gate
-            col.copy_(torch.where(ok, new_col, col))
-            # rsqrt(V_t) = rsqrt(R_t / mean(R_t)) rsqrt(C_t), as an outer product.
-            r_factor = (new_row / row_mean).rsqrt_().unsqueeze(-1)
-            c_factor = new_col.rsqrt().unsqueeze(-2)  # (..., 1, m)
-            torch.mul(r_factor, c_factor, out=update)
-        else:
-            v = state["exp_avg_sq"]
-            new_v = v.mul(beta).add_(update, alpha=1.0 - beta)
-            if shard:  # every rank's flag, and RMS(theta) on the way
-                ok = shard.row_means(ok)[-1]
-            v.copy_(torch.where(ok, new_v, v))
-            torch.rsqrt(new_v, out=update)
-        update.mul_(grad)
-        update_rms = shard.rms(update) if shard else _rms(update)
-        update.div_((update_rms / self.clip_threshold).clamp_(min=1.0))
+        sharded = self.sum_over_shards is not None and len(update.shape) <= 2
+        combine = _Combine(self.sum_over_shards if sharded else None, ok)
+        factored = "exp_avg_sq_row" in state
+        stats = _factored_statistics if factored else _full_statistics
+        scale_of, update_rms, param_rms, ok = stats(update, state, beta, self.eps[0], combine)
+        clip = (update_rms / self.clip_threshold).clamp_(min=1.0)
         # Tensors, not Python floats: no device sync inside backward. Gated by `ok`.
-        param_rms = shard.param_rms if shard else _rms(param)
         lr_t = param_rms.clamp_(min=self.eps[1]).mul_(lr).mul_(ok)
-        if self.weight_decay:
-            param.mul_(1.0 - lr_t * self.weight_decay)
-        update.masked_fill_(~ok, 0.0)  # NaN-safe: a gated step subtracts exactly zero
-        param.sub_(update.mul_(lr_t))
+        for rows, param, grad in update.update():
+            u = scale_of(rows).mul_(grad).div_(clip)  # U_t, RMS-clipped
+            if self.weight_decay:
+                param.mul_(1.0 - lr_t * self.weight_decay)
+            u.masked_fill_(~ok, 0.0)  # NaN-safe: a gated step subtracts exactly zero
+            param.sub_(u.mul_(lr_t))
 
 
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    """Root mean square per matrix (over the last two dimensions; a vector whole), shaped
-    to broadcast against `t`."""
-    if t.dim() <= 2:
-        return t.norm(2) / math.sqrt(t.numel())
-    per_matrix = t.shape[-2] * t.shape[-1]
-    return torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True) / math.sqrt(per_matrix)
+ScaleOf = Callable[[slice], torch.Tensor]  # rows -> rsqrt(V_t) for those rows (a new tensor)
+Statistics = tuple[ScaleOf, torch.Tensor, torch.Tensor, torch.Tensor]  # +RMS(U), RMS(theta), ok
 
 
-class _Shard:
-    """Statistics of a matrix or vector of which this rank holds some rows (dim 0; maybe
-    none), summed over the ranks by `sum_over_shards`."""
+class _Combine:
+    """Sums of per-shard statistics over the ranks that hold a parameter's rows, with the
+    finite flag of every rank, in one collective; on one process, the local values."""
 
-    def __init__(self, sum_over_shards: Callable[[torch.Tensor], torch.Tensor], param):
+    def __init__(self, sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None, ok):
         self.sum = sum_over_shards
-        self.param = param
-        self.per_row = math.prod(param.shape[1:])  # elements in a row (1 for a vector)
-        self.rows = torch.tensor([float(param.shape[0])], device=param.device)
-        self.param_rms: torch.Tensor | None = None
+        self.ok = ok
 
-    def row_means(self, ok: torch.Tensor, *per_row: torch.Tensor):
-        """(each of `per_row` averaged over every rank's rows, ..., the flag of every
-        rank): one collective, which also counts the rows and gives RMS(theta) of the
-        weights before the update."""
-        local = [t.sum(dim=0) for t in per_row] + [self.param.square().sum().view(1), self.rows]
-        flag = (~ok).float().view(1)
-        summed = self.sum(torch.cat([t.reshape(-1) for t in local] + [flag]))
-        *means, param_sq, self.rows, bad = summed.split([t.numel() for t in local] + [1])
-        self.param_rms = (param_sq / (self.rows * self.per_row)).sqrt().view(())
-        means = [m.view_as(t) / self.rows for m, t in zip(means, local[:-2], strict=True)]
-        return (*means, ok & (bad == 0).view(()))
+    def __call__(self, *parts: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.sum is None:
+            return list(parts), self.ok
+        flag = (~self.ok).double().view(1)
+        summed = self.sum(torch.cat([t.reshape(-1).double() for t in parts] + [flag]))
+        *sums, bad = summed.split([t.numel() for t in parts] + [1])
+        return [s.view_as(t) for s, t in zip(sums, parts, strict=True)], self.ok & (bad == 0).view(
+            ()
+        )
 
-    def rms(self, t: torch.Tensor) -> torch.Tensor:
-        """RMS of the whole tensor of which `t` holds this rank's rows (after `row_means`,
-        which counted every rank's rows)."""
-        return (self.sum(t.square().sum().view(1)) / (self.rows * self.per_row)).sqrt().view(())
+
+def _factored_statistics(
+    update: SlicedUpdate, state, beta: float, eps1: float, combine: _Combine
+) -> Statistics:
+    """Pass 1 for a matrix (n, m) in row slices, or a stack (..., n, m) in one slice:
+    R_t and C_t (committed to `state` when ok), and per matrix RMS(U_t) and RMS(theta)."""
+    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]  # (..., n), (..., m)
+    *_, n, m = update.shape
+    f64 = {"dtype": torch.float64, "device": col.device}
+    new_row = torch.empty_like(row)
+    col_sum = torch.zeros(col.shape, **f64)  # sum_i G_ij^2
+    s = torch.zeros_like(col_sum)  # sum_i G_ij^2 / R_i
+    param_sq = _per_matrix(torch.zeros((), **f64), update)
+    for rows, param, grad in update.read():
+        g2 = grad.square()  # (r, m) or (..., n, m)
+        new_row[rows] = row[rows].mul(beta).add_(g2.mean(dim=-1).add_(eps1), alpha=1 - beta)
+        col_sum += g2.sum(dim=-2, dtype=torch.float64)
+        s += g2.div_(new_row[rows].unsqueeze(-1)).sum(dim=-2, dtype=torch.float64)
+        param_sq = param_sq + _matrix_sum_sq(param)
+    row_sum = new_row.sum(dim=-1, keepdim=True, dtype=torch.float64)  # (..., 1)
+    (col_sum, s, param_sq, row_sum, n), ok = combine(
+        col_sum, s, param_sq, row_sum, torch.tensor(float(n), **f64)
+    )
+    new_col = col.mul(beta).add_(col_sum.div_(n).add_(eps1).float(), alpha=1 - beta)
+    row.copy_(torch.where(ok, new_row, row))  # O(n + m): cheap to gate
+    col.copy_(torch.where(ok, new_col, col))
+    row_mean = row_sum.div_(n)  # (..., 1), fp64: mean(R_t) over every rank's rows
+    mean_u2 = s.div_(new_col).sum(dim=-1, keepdim=True).mul_(row_mean).div_(n * m)
+    # rsqrt(V_t) = rsqrt(R_t / mean(R_t)) rsqrt(C_t), as an outer product per slice.
+    r_factor = (new_row / row_mean.float()).rsqrt_()  # (..., n)
+    c_factor = new_col.rsqrt().unsqueeze(-2)  # (..., 1, m)
+
+    def scale_of(rows: slice) -> torch.Tensor:
+        return r_factor[rows].unsqueeze(-1) * c_factor
+
+    update_rms = _per_matrix(mean_u2.float().sqrt(), update)
+    param_rms = param_sq.div_(n * m).float().sqrt_()
+    return scale_of, update_rms, param_rms, ok
+
+
+def _full_statistics(
+    update: SlicedUpdate, state, beta: float, eps1: float, combine: _Combine
+) -> Statistics:
+    """Pass 1 for a vector (norm weights, biases): V_t whole (it is small), RMS(U_t) and
+    RMS(theta), in element slices."""
+    v = state["exp_avg_sq"]
+    new_v = torch.empty_like(v)
+    flat_v, flat_new = v.view(-1), new_v.view(-1)  # a 0-dim parameter is one row
+    u2 = torch.zeros((), dtype=torch.float64, device=v.device)
+    param_sq = torch.zeros_like(u2)
+    for rows, param, grad in update.read():
+        flat_new[rows] = flat_v[rows].mul(beta).add_(grad.square().add_(eps1), alpha=1 - beta)
+        u2 += grad.square().div_(flat_new[rows]).sum(dtype=torch.float64)
+        param_sq += squares_fp64(param).sum()
+    numel = torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)
+    (u2, param_sq, numel), ok = combine(u2, param_sq, numel)
+    v.copy_(torch.where(ok, new_v, v))
+    rsqrt_v = new_v.rsqrt().view(-1)
+    numel = numel.clamp(min=1.0)
+    update_rms = u2.div_(numel).float().sqrt_()
+    param_rms = param_sq.div_(numel).float().sqrt_()
+    return (lambda rows: rsqrt_v[rows].clone()), update_rms, param_rms, ok
+
+
+def _matrix_sum_sq(t: torch.Tensor) -> torch.Tensor:
+    """sum(t^2) in fp64 over the last two dimensions (a row slice of a matrix: all of it),
+    shaped (..., 1, 1) for a stack."""
+    if t.dim() <= 2:
+        return squares_fp64(t).sum()
+    return t.square().sum(dim=-1).double().sum(dim=-1)[..., None, None]
+
+
+def _per_matrix(t: torch.Tensor, update: SlicedUpdate) -> torch.Tensor:
+    """A per-matrix value (..., 1) or scalar, shaped to broadcast against a slice."""
+    return t.unsqueeze(-1) if len(update.shape) > 2 and t.dim() else t

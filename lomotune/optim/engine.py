@@ -12,9 +12,11 @@ What each step does, in order:
    and every fp16 step): backward with the graph kept, hooks add up squared gradient
    norms and drop the gradients; fp16 overflow is found here, so nothing is applied from
    a bad step;
-3. the update pass: backward; each hook unscales and clips its gradient, lets the
-   update rule change the parameter (in fp32), writes it back (stochastic rounding for
-   bf16) and frees the gradient.
+3. the update pass: backward; each hook checks its gradient, then lets the update rule
+   walk the parameter in row slices (fp32, unscaled and clipped: slices.SlicedUpdate),
+   each slice written back (stochastic rounding for bf16) before the next is made, so
+   the update's temporaries stay within `slice_bytes` whatever the tensor; then the
+   gradient is freed.
 
 A non-finite gradient never reaches a weight. Each hook checks its gradient on the
 device (no sync) and folds the answer into a running flag; from the first bad tensor on,
@@ -45,8 +47,8 @@ from lomotune.distributed import (
     sum_replicated_gradient,
     whole_rows,
 )
-from lomotune.optim.rounding import stochastic_round_into
 from lomotune.optim.seeds import mix64
+from lomotune.optim.slices import DEFAULT_SLICE_BYTES, SlicedUpdate, all_finite, sum_of_squares
 from lomotune.recipe import ClipConfig
 
 Batch = dict[str, torch.Tensor]
@@ -73,8 +75,7 @@ class UpdateRule(Protocol):
 
     def apply(
         self,
-        param: torch.Tensor,  # fp32 working copy, updated in place
-        grad: torch.Tensor,  # fp32, unscaled and clipped; the rule may modify it
+        update: SlicedUpdate,  # the parameter and its gradient, fp32 in row slices
         state: dict[str, torch.Tensor],
         lr: float,
         step: int,  # 1-based number of this update
@@ -130,6 +131,7 @@ class FusedEngine:
         stochastic_rounding: bool = True,
         loss_scale: DynamicLossScale | None = None,
         seed: int = 0,
+        slice_bytes: int = DEFAULT_SLICE_BYTES,
     ):
         self.model = model
         self.rule = rule
@@ -138,6 +140,7 @@ class FusedEngine:
         self.stochastic_rounding = stochastic_rounding
         self.loss_scale = loss_scale
         self.seed = seed
+        self.slice_bytes = slice_bytes  # temporaries of one update, whatever the tensor
         self.step_count = 0  # updates applied so far
         self.previous_norm: float | None = None
         # Trainable parameters, each once (tied weights appear once in named_parameters).
@@ -149,7 +152,6 @@ class FusedEngine:
         self.states: list[dict[str, torch.Tensor]] = [
             rule.init_state(local_shard(p)[0].detach()) for p in self.params
         ]
-        self._generators: dict[torch.device, torch.Generator] = {}
         # Per-step settings read by the hooks.
         self._mode = "idle"  # "norm" | "update" | "idle"
         # Per parameter, in the order the hooks fired: (index, squared norm) and
@@ -289,7 +291,9 @@ class FusedEngine:
             grad = sum_replicated_gradient(param.grad)  # data parallel: every rank's rows
             param.grad = None  # freed now, whatever happens below
             if self._mode == "norm":
-                self._sq_parts.append((index, _squared_norm(local_shard(grad)[0].detach())))
+                self._sq_parts.append(
+                    (index, sum_of_squares(local_shard(grad)[0], self.slice_bytes))
+                )
             elif self._mode == "update":
                 self._update(index, param, grad)
 
@@ -299,50 +303,33 @@ class FusedEngine:
     def _update(self, index: int, param: torch.Tensor, grad: torch.Tensor) -> None:
         param, offset = local_shard(param)  # this rank's rows under FSDP2, else the whole
         grad = local_shard(grad)[0]
-        # The hook already took the gradient off the parameter, so nothing else holds it:
-        # an fp32 gradient is modified in place, not copied (one copy less per tensor).
-        g = grad.float()
-        # One reduction per tensor, with no full-size temporary: the squared norm when a
-        # norm is needed anyway (tracked for `previous`, or per-tensor clipping), else a
-        # plain sum. Either is non-finite when any element is (a finite sum overflowing
-        # fp32 would need gradients near 1e38).
-        sq = None
-        if self._sq_parts is not None or self.clip.mode == "per-tensor":
-            sq = _squared_norm(g)
-            finite = sq.isfinite()
+        # A first read-only pass over the gradient, slice by slice: is it finite (and its
+        # squared norm, when clipping needs it)? Only then may any slice be applied.
+        needs_norm = self._sq_parts is not None or self.clip.mode == "per-tensor"
+        if needs_norm:
+            sq = sum_of_squares(grad, self.slice_bytes)
             if self._sq_parts is not None:
                 self._sq_parts.append((index, sq))
+            finite = sq.isfinite()
         else:
-            finite = g.sum().isfinite()
+            finite = all_finite(grad, self.slice_bytes)
         self._finite.append((index, finite))
         # From the first bad gradient on, nothing of this step is applied.
         ok = finite if self._ok is None else self._ok.to(finite.device) & finite
         self._ok = ok
-        if self._grad_factor != 1.0:
-            g.mul_(self._grad_factor)
+        factor: float | torch.Tensor = self._grad_factor
         if self.clip.mode == "per-tensor":
-            # The norm after the factor: the factor times the norm measured above.
             norm = (sum_over_ranks(sq) if self.sharded else sq).sqrt() * self._grad_factor
-            g.mul_((self.clip.max_norm / (norm + 1e-6)).clamp(max=1.0))
-        working = param if param.dtype == torch.float32 else param.float()
-        self.rule.apply(working, g, self.states[index], self._lr, self.step_count, ok)
-        if working is not param:
-            if param.dtype == torch.bfloat16 and self.stochastic_rounding:
-                generator = self._generator(index, offset, param.device)
-                stochastic_round_into(param, working, generator)
-            else:
-                param.copy_(working)
-
-    def _generator(self, index: int, offset: int, device: torch.device) -> torch.Generator:
-        # Seeded from (run seed, step, parameter, shard offset): the noise does not depend
-        # on the order in which hooks fire, a resumed run draws exactly what a straight run
-        # would, and the shards of one parameter on N ranks draw different noise.
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-        seed = mix64(self.seed, self.step_count, index)
-        gen.manual_seed(seed if offset == 0 else mix64(seed, offset))
-        return gen
+            factor = (self.clip.max_norm / (norm + 1e-6)).clamp(max=1.0) * self._grad_factor
+        rounding = param.dtype == torch.bfloat16 and self.stochastic_rounding
+        update = SlicedUpdate(
+            param, grad, factor, budget=self.slice_bytes, start=offset,
+            # Keyed by (run seed, step, parameter), indexed by the element's place in the
+            # whole tensor: the noise does not depend on the order in which hooks fire,
+            # on slicing or on sharding, and a resumed run draws what a straight run would.
+            round_key=mix64(self.seed, self.step_count, index) if rounding else None,
+        )  # fmt: skip
+        self.rule.apply(update, self.states[index], self._lr, self.step_count, ok)
 
     # -- state -------------------------------------------------------------------------
 
@@ -381,8 +368,3 @@ class FusedEngine:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-
-def _squared_norm(t: torch.Tensor) -> torch.Tensor:
-    """sum(t^2) in fp32, as a 0-dim tensor on t's device, without a squared copy of t."""
-    return torch.linalg.vector_norm(t, dtype=torch.float32).square()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lomotune.optim.slices import SlicedUpdate
+
 
 class LomoRule:
     """p <- p - lr * (g + weight_decay * p): torch.optim.SGD without momentum.
@@ -15,9 +17,11 @@ class LomoRule:
     def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}  # SGD keeps nothing between steps
 
-    def apply(self, param, grad, state, lr: float, step: int, ok: torch.Tensor) -> None:
-        if self.weight_decay:
-            grad.add_(param, alpha=self.weight_decay)  # coupled, as torch.optim.SGD
-        # A gated update adds exactly zero (masked_fill replaces NaN too; no device sync).
-        grad.masked_fill_(~ok, 0.0)
-        param.add_(grad, alpha=-lr)
+    def apply(self, update: SlicedUpdate, state, lr: float, step: int, ok: torch.Tensor) -> None:
+        # Elementwise: one pass over the slices.
+        for _, param, grad in update.update():
+            if self.weight_decay:
+                grad.add_(param, alpha=self.weight_decay)  # coupled, as torch.optim.SGD
+            # A gated update adds exactly zero (masked_fill replaces NaN too; no sync).
+            grad.masked_fill_(~ok, 0.0)
+            param.add_(grad, alpha=-lr)
