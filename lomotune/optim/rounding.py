@@ -64,19 +64,30 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, key: int, start: i
     assert x.dtype == torch.float32 and out.dtype == torch.bfloat16, (x.dtype, out.dtype)
     assert x.is_contiguous(), "x is rounded in place through its bits"
     noise = noise16(key, start, x.numel(), x.device).view(x.shape)
-    # A NaN whose payload lies in the low 16 bits alone would truncate to inf, and
-    # 0x7FFFFFFF plus noise would carry into the sign bit: make every NaN the canonical
-    # 0x7FC00000 (payload in the kept bits), leaving infinities alone.
-    x.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=float("-inf"))
-    # No noise past bf16's largest (NaN compares false): truncation then keeps an inf and
-    # a NaN, and rounds a finite value there down to the largest instead of up to inf.
-    noise.mul_((x >= -BF16_MAX).logical_and_(x <= BF16_MAX))
+    if _may_hold_special_values(x):
+        # A NaN whose payload lies in the low 16 bits alone would truncate to inf, and
+        # 0x7FFFFFFF plus noise would carry into the sign bit: make every NaN the
+        # canonical 0x7FC00000 (payload in the kept bits), leaving infinities alone.
+        x.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=float("-inf"))
+        # No noise past bf16's largest (NaN compares false): truncation then keeps an
+        # inf and a NaN, and rounds a finite value there down to the largest, not to inf.
+        noise.mul_(x <= BF16_MAX).mul_(x >= -BF16_MAX)  # one byte an element at a time
     # bf16 is the top 16 bits of fp32. Adding the noise to the low bits carries into the
     # kept bits with probability (low bits / 2^16); then truncate. fp32 is sign-magnitude,
     # so this rounds the magnitude: unbiased for negative values too.
     bits = x.view(torch.int32)
     bits.add_(noise).bitwise_and_(-65536)
     out.copy_(x)  # exact: the low 16 bits are zero
+
+
+def _may_hold_special_values(x: torch.Tensor) -> bool:
+    """False when every value of x is finite and within bf16's range: then no masks are
+    needed. On a CPU one read (min and max in one pass) answers it without a device
+    sync; elsewhere the masks are always applied."""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return x.numel() > 0
+    low, high = torch.aminmax(x)  # NaN propagates: then the comparisons are False
+    return not (bool(low >= -BF16_MAX) and bool(high <= BF16_MAX))
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, key: int, start: int = 0) -> torch.Tensor:
