@@ -411,7 +411,7 @@ def tables(results: list[dict]) -> str:
             "| tokens/s | CPU s/step |"
         )
         lines.append("|---|---|---|---|---|---|---|---|")
-        for base_name in ("adamw", "no_grad"):
+        for base_name in ("adamw", "no_grad", "mezo"):
             base = ref.get(base_name)
             if base is None:
                 continue
@@ -425,6 +425,35 @@ def tables(results: list[dict]) -> str:
                     f"| {ratio(r['tokens_per_s'], base['tokens_per_s'])} "
                     f"| {ratio(r['median_cpu_s'], base['median_cpu_s'])} |"
                 )
+    return "\n".join(lines)
+
+
+def floor_table(results: list[dict], args: argparse.Namespace) -> str:
+    """Each fused method's measured tensor peak next to the parts of its floor, as
+    `lomotune.estimate` counts them at the moment of its peak (phase named)."""
+    from transformers import AutoConfig
+
+    from lomotune.estimate import estimate, shape_of
+    from lomotune.estimate.analytic import Setup
+    from lomotune.models import resolve_model
+
+    shape = shape_of(AutoConfig.from_pretrained(resolve_model(args.model)))
+    lines = ["\n| method | precision | tensor peak measured | floor (estimate) | its parts (MiB) |"]
+    lines.append("|---|---|---|---|---|")
+    for r in results:
+        if r["method"] not in ("lomo", "adalomo", "mezo") or "error" in r:
+            continue
+        setup = Setup(r["method"], args.batch, args.seq, precision=r["precision"],
+                      loss_chunk_tokens=args.loss_chunk, device="cpu")  # fmt: skip
+        e = estimate(shape, setup)
+        parts = ", ".join(
+            f"{k} {v / 2**20:.0f}" for k, v in e.parts.items() if k != "cuda_overhead"
+        )
+        total = tensor_total(r)
+        lines.append(
+            f"| {r['method']} | {r['precision']} | {gib(total) if total else '-'} "
+            f"| {gib(e.tensor_bytes)} | {e.phase}: {parts} |"
+        )
     return "\n".join(lines)
 
 
@@ -660,6 +689,7 @@ def main() -> None:
     header["loadavg_end"] = os.getloadavg()
     print("\n" + "\n".join(f"- {m}: {DESCRIPTIONS[m]}" for m in methods))
     print(tables(results))
+    print(floor_table(results, args))
     print(
         f"\n(total {total:.0f} s; load average {header['loadavg_start'][0]:.1f} at the start, "
         f"{header['loadavg_end'][0]:.1f} at the end: other processes share these cores)"
