@@ -64,6 +64,7 @@ METHODS = [
     "qlora-sgd",
     "sgd",
     "adamw",
+    "adamw-amp",
     "adam-mini",
 ]
 DESCRIPTIONS = {
@@ -76,6 +77,7 @@ DESCRIPTIONS = {
     "qlora-sgd": "NF4 base + LoRA r=64 all-linear, FusedEngine SGD",
     "sgd": "torch.optim.SGD (foreach), full backward",
     "adamw": "torch.optim.AdamW (foreach), full backward",
+    "adamw-amp": "AdamW on fp32 master weights, forward in bf16 autocast (HF Trainer bf16=True)",
     "adam-mini": "adam_mini.Adam_mini 1.1.1, full backward",
 }
 GiB = 1024**3
@@ -119,6 +121,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     return_freed_memory()  # as `lomotune train` does on a CPU
     method, precision = args.worker, args.precision
+    amp = method == "adamw-amp"  # fp32 weights and optimizer, bf16 compute
     torch.manual_seed(0)
     meter = MemoryMeter("cpu")
     gc.collect()
@@ -126,7 +129,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     cfg = ModelConfig(
         name=args.model,
-        precision=precision,
+        precision="fp32" if amp else precision,
         activation_checkpointing=True,
         loss_chunk_tokens=args.loss_chunk,
     )
@@ -158,7 +161,8 @@ def worker(args: argparse.Namespace) -> dict:
     def loss_fn(b):
         if TRACKER:  # MemTracker refuses a second forward in one count without this
             TRACKER[0].reset_mod_stats()
-        return causal_lm_loss(model, b, chunk)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return causal_lm_loss(model, b, chunk)
 
     lr = args.lr
     tracked: list = []  # state created before the tensor count that it must include
@@ -188,7 +192,7 @@ def worker(args: argparse.Namespace) -> dict:
         recipe = Recipe(
             model=cfg,
             optimizer=OptimizerConfig(
-                name=method.removesuffix("-nosr"),
+                name=method.removesuffix("-nosr").removesuffix("-amp"),
                 lr=lr,
                 lora=LoraConfig() if method == "qlora-sgd" else None,
                 stochastic_rounding=not method.endswith("-nosr"),
@@ -431,13 +435,11 @@ def tables(results: list[dict]) -> str:
 def floor_table(results: list[dict], args: argparse.Namespace) -> str:
     """Each fused method's measured tensor peak next to the parts of its floor, as
     `lomotune.estimate` counts them at the moment of its peak (phase named)."""
-    from transformers import AutoConfig
-
     from lomotune.estimate import estimate, shape_of
     from lomotune.estimate.analytic import Setup
-    from lomotune.models import resolve_model
+    from lomotune.estimate.shapes import resolve_config
 
-    shape = shape_of(AutoConfig.from_pretrained(resolve_model(args.model)))
+    shape = shape_of(resolve_config(args.model))
     lines = ["\n| method | precision | tensor peak measured | floor (estimate) | its parts (MiB) |"]
     lines.append("|---|---|---|---|---|")
     for r in results:
