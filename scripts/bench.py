@@ -60,6 +60,7 @@ METHODS = [
     "lomo-ref",
     "lomo-nosr",
     "adalomo",
+    "adalomo-ref",
     "mezo",
     "qlora-sgd",
     "sgd",
@@ -73,6 +74,7 @@ DESCRIPTIONS = {
     "lomo-ref": "lomo_optim.Lomo 0.1.1 (reference), fused_backward(loss, lr)",
     "lomo-nosr": "lomo with optimizer.stochastic_rounding false (round to nearest)",
     "adalomo": "lomotune FusedEngine + AdaLomoRule",
+    "adalomo-ref": "lomo_optim.AdaLomo 0.1.1 (reference), fused_backward(loss, lr)",
     "mezo": "lomotune MezoEngine (2 forwards, 1 direction)",
     "qlora-sgd": "NF4 base + LoRA r=64 all-linear, FusedEngine SGD",
     "sgd": "torch.optim.SGD (foreach), full backward",
@@ -173,10 +175,10 @@ def worker(args: argparse.Namespace) -> dict:
                 s, n = loss_fn(batch)
             return float(s) / n
 
-    elif method == "lomo-ref":
-        from lomo_optim import Lomo
+    elif method in ("lomo-ref", "adalomo-ref"):
+        from lomo_optim import AdaLomo, Lomo
 
-        opt = Lomo(model, lr=lr)
+        opt = (Lomo if method == "lomo-ref" else AdaLomo)(model, lr=lr)
         tracked.append(opt)
 
         def step() -> float:
@@ -350,6 +352,28 @@ def run_worker(method: str, precision: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def budget_batches(methods: list[str], precision: str, args: argparse.Namespace) -> dict:
+    """The largest batch of each method whose estimated GPU peak (`lomotune estimate`'s
+    analytic count, CUDA overhead included) fits `--budget-gib`: the batch a GPU of that
+    size would run. Variants count as the method they vary (a reference implementation
+    as lomotune's; adamw-amp as AdamW on fp32 master weights)."""
+    from lomotune.estimate import max_batch
+    from lomotune.estimate.analytic import Setup
+    from lomotune.estimate.shapes import resolve_config
+
+    config = resolve_config(args.model)
+    batches = {}
+    for method in methods:
+        if method == "no_grad":
+            continue  # not a training method: the estimator has no row for it
+        base = method.removesuffix("-ref").removesuffix("-nosr").removesuffix("-amp")
+        amp = method == "adamw-amp"
+        setup = Setup(base, 1, args.seq, precision="fp32" if amp else precision,
+                      loss_chunk_tokens=args.loss_chunk, mixed_precision=amp)  # fmt: skip
+        batches[method] = max_batch(config, setup, args.budget_gib)
+    return batches
+
+
 # ---------------------------------------------------------------------------------------
 # Tables
 
@@ -402,7 +426,7 @@ def tables(results: list[dict]) -> str:
                 continue
             total, beyond = tensor_total(r), tensor_beyond(r)
             lines.append(
-                f"| {r['method']} | {gib(r['rss_loaded'])} | {gib(r['peak'])} "
+                f"| {r['method']} (b{r['batch']}) | {gib(r['rss_loaded'])} | {gib(r['peak'])} "
                 f"| {gib(rss_beyond(r))} | {gib(r['ru_maxrss'])} "
                 f"| {gib(total) if total is not None else '-'} "
                 f"| {gib(beyond) if beyond is not None else '-'} "
@@ -430,6 +454,32 @@ def tables(results: list[dict]) -> str:
                     f"| {ratio(r['median_cpu_s'], base['median_cpu_s'])} |"
                 )
     return "\n".join(lines)
+
+
+# The issue's goals, each as (method, against, measure, target): read from one run.
+GOALS = [
+    ("lomo", "mezo", "peak", "<= 1.30"),
+    ("adalomo", "mezo", "peak", "<= 1.30"),
+    ("lomo", "lomo-ref", "tokens_per_s", ">= 1.05"),
+    ("lomo", "sgd", "tokens_per_s", ">= 1.00"),
+    ("lomo", "adamw", "tokens_per_s", ">= 1.05"),
+    ("lomo", "adamw-amp", "tokens_per_s", "(for reference)"),
+    ("adalomo", "adalomo-ref", "tokens_per_s", ">= 1.00"),
+    # with --budget-gib, each at its own largest batch:
+    ("lomo", "adamw", "tokens_per_s", ">= 2.00 at one --budget-gib"),
+]
+
+
+def goals_table(results: list[dict], budget: bool) -> str:
+    """The ratios the goals name, where both methods of a pair ran without error."""
+    lines = ["\n| precision | ratio | measured | goal |", "|---|---|---|---|"]
+    for precision in dict.fromkeys(r["precision"] for r in results):
+        ok = {r["method"]: r for r in results if r["precision"] == precision and "error" not in r}
+        for method, against, measure, goal in GOALS:
+            if method in ok and against in ok and (goal.endswith("budget-gib")) == budget:
+                value = ratio(ok[method][measure], ok[against][measure])
+                lines.append(f"| {precision} | {method} / {against} {measure} | {value} | {goal} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def floor_table(results: list[dict], args: argparse.Namespace) -> str:
@@ -594,6 +644,12 @@ def main() -> None:
     )
     p.add_argument("--json", help="write every number measured here")
     p.add_argument(
+        "--budget-gib",
+        type=float,
+        help="run each method at the largest batch its estimated GPU peak fits in this "
+        "many GiB (instead of --batch)",
+    )
+    p.add_argument(
         "--no-count-tensors",
         dest="count_tensors",
         action="store_false",
@@ -672,8 +728,15 @@ def main() -> None:
     results = []
     started = time.perf_counter()
     for precision in args.precision.split(","):
+        batches = budget_batches(methods, precision, args) if args.budget_gib else {}
+        if batches:
+            print(f"  largest batch in {args.budget_gib} GiB (estimated): {batches}", flush=True)
         for method in methods:
-            r = run_worker(method, precision, args)
+            if batches.get(method, 1) == 0:
+                print(f"  {precision} {method}: batch 1 does not fit {args.budget_gib} GiB")
+                continue
+            batch = batches.get(method, args.batch)
+            r = run_worker(method, precision, argparse.Namespace(**{**vars(args), "batch": batch}))
             results.append(r)
             if "error" in r:
                 print(
@@ -692,6 +755,7 @@ def main() -> None:
     print("\n" + "\n".join(f"- {m}: {DESCRIPTIONS[m]}" for m in methods))
     print(tables(results))
     print(floor_table(results, args))
+    print(goals_table(results, budget=bool(args.budget_gib)))
     print(
         f"\n(total {total:.0f} s; load average {header['loadavg_start'][0]:.1f} at the start, "
         f"{header['loadavg_end'][0]:.1f} at the end: other processes share these cores)"

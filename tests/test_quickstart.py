@@ -63,9 +63,10 @@ def test_bf16_lr_1e5_moves_smollm2_only_with_stochastic_rounding():
             super().__init__()
             self.exact = {}
 
-        def apply(self, param, grad, state, lr, step, ok):
-            self.exact[id(state)] = -lr * grad.clone()
-            super().apply(param, grad, state, lr, step, ok)
+        def apply(self, update, state, lr, step, ok):
+            grad = update.grad.float() * update.factor  # the whole gradient, as applied
+            self.exact[id(state)] = (-lr * grad).view(update.shape)
+            super().apply(update, state, lr, step, ok)
 
     def share_applied(rounding: bool) -> float:
         m = copy.deepcopy(model)
