@@ -513,7 +513,7 @@ def floor_table(results: list[dict], args: argparse.Namespace) -> str:
 # GPU memory without a GPU: FakeTensorMode + MemTracker
 
 
-FAKE_METHODS = ["lomo", "adalomo", "mezo", "sgd", "adamw", "adam-mini"]
+FAKE_METHODS = ["no_grad", "lomo", "adalomo", "mezo", "sgd", "adamw", "adam-mini"]
 
 
 def fake_1b(
@@ -542,13 +542,12 @@ def fake_1b(
         use_cache=False,
     )
     if like is not None:
-        # The shape of a real model (e.g. smollm2-135m), to check the count against
-        # MemTracker on real tensors (the `tensor peak` column of the CPU bench).
-        from transformers import AutoConfig
+        # The shape of a real model (e.g. smollm2-135m, to check the count against
+        # MemTracker on real tensors: the `tensor peak` column of the CPU bench), or of
+        # one the estimator knows by name (llama-7b).
+        from lomotune.estimate.shapes import resolve_config
 
-        from lomotune.models import resolve_model
-
-        config = AutoConfig.from_pretrained(resolve_model(like))
+        config = resolve_config(like)
         config.use_cache = False
 
     return _fake_runs(methods, batch, seq, config, chunk)
@@ -596,14 +595,15 @@ def fake_table(rows: list[dict]) -> str:
     if ok:
         any_row = next(iter(ok.values()))
         weights = any_row["params"] * 2
-    adamw = ok.get("adamw")
+    adamw, no_grad = ok.get("adamw"), ok.get("no_grad")
     lines = [
-        "| method | peak (GiB) | beyond bf16 weights (GiB) | peak / adamw | at the peak: weights / grads / optimizer state / activations+temp (GiB) |",
-        "|---|---|---|---|---|",
+        "| method | peak (GiB) | beyond bf16 weights (GiB) | peak / no_grad | peak / adamw "
+        "| at the peak: weights / grads / optimizer state / activations+temp (GiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:150]} | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error'][:150]} | | | | |")
             continue
         bd = r["breakdown_at_peak"]
         parts = "{:.2f} / {:.2f} / {:.2f} / {:.2f}".format(
@@ -614,6 +614,7 @@ def fake_table(rows: list[dict]) -> str:
         )
         lines.append(
             f"| {r['method']} | {gib(r['peak'])} | {gib(r['peak'] - weights)} "
+            f"| {ratio(r['peak'], no_grad and no_grad['peak'])} "
             f"| {ratio(r['peak'], adamw and adamw['peak'])} | {parts} |"
         )
     return "\n".join(lines)

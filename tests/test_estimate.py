@@ -183,7 +183,7 @@ def test_opt_and_gpt_neox_formulas_agree_with_simulation_within_10_percent(famil
     assert max(worst)[0] < 0.10, max(worst)
 
 
-@pytest.mark.parametrize("method", ["lomo", "adamw", "mezo"])
+@pytest.mark.parametrize("method", ["lomo", "adamw", "mezo", "no_grad"])
 def test_simulation_agrees_with_a_real_step_within_5_percent(method):
     # The same step on real tensors, counted by the same MemTracker: one padded position
     # (so transformers builds the padding mask, as the simulation's batch does).
@@ -213,6 +213,8 @@ def test_simulation_agrees_with_a_real_step_within_5_percent(method):
     real = tracker.get_tracker_snapshot("peak")
     real_peak = next(iter(real.values()))["Total"]
     assert abs(sim.peak_bytes / real_peak - 1) < 0.05, (sim.peak_bytes, real_peak)
+    if method == "no_grad":  # the inference reference: nothing kept for a backward
+        assert real_peak < simulated("tied", "lomo", batch, seq, True).peak_bytes
 
 
 def run_cli(*args):

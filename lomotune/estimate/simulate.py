@@ -28,6 +28,9 @@ from lomotune.recipe import ClipConfig, OptimizerConfig
 
 aten = torch.ops.aten
 SIMULATED_METHODS = ("lomo", "adalomo", "mezo", "qlora-sgd", "adamw", "sgd", "adam-mini")
+# Not a training method: the forward and loss under torch.no_grad, the inference peak
+# that the fused methods are measured against.
+FORWARD_ONLY = "no_grad"
 
 
 class SimulationError(Exception):
@@ -123,7 +126,7 @@ def simulate_step(
     from lomotune.models import DTYPES, causal_lm_loss
     from lomotune.recipe import ModelConfig
 
-    if method not in SIMULATED_METHODS:
+    if method not in (*SIMULATED_METHODS, FORWARD_ONLY):
         raise SimulationError(f"no method {method!r}; known: {', '.join(SIMULATED_METHODS)}")
     if method == "qlora-sgd":
         raise SimulationError(
@@ -167,10 +170,24 @@ def _training_config(config, attention: str):
     return config
 
 
+class _ForwardOnly:
+    """`FORWARD_ONLY`'s engine: the loss of the batch, nothing kept for a backward."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+
+    def step(self, batches, lr: float) -> None:
+        with torch.no_grad():
+            for batch in batches:
+                self.loss_fn(batch)
+
+
 def _build_engine(method: str, model, loss_fn, precision: str):
     """The engine `lomotune train` builds for `method` (optim.build_engine's choices)."""
     from lomotune.optim.engine import DynamicLossScale, FusedEngine
 
+    if method == FORWARD_ONLY:
+        return _ForwardOnly(loss_fn)
     if method in ("lomo", "adalomo"):
         if method == "adalomo":
             from lomotune.optim.adalomo import AdaLomoRule
