@@ -408,18 +408,19 @@ def whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def shard_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A whole tensor cut into the shards of `param` (as it is when `param` is whole)."""
+    """A whole tensor cut into the shards of `param` (as it is when `param` is whole, or
+    when `t` is already sharded)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if not isinstance(param, DTensor):
+    if not isinstance(param, DTensor) or isinstance(t, DTensor):
         return t
     return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
 
 
-def whole_rows(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def rows_as_dtensor(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A tensor of per-row state of which this rank holds the rows of its shard of
-    `param` (dim 0, cut as FSDP2 cuts `param`), gathered whole (a collective); as it is
-    when `param` is not sharded."""
+    `param` (dim 0, cut as FSDP2 cuts `param`), as the DTensor of the whole (no copy, no
+    collective: what a sharded checkpoint writes); as it is when `param` is not sharded."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(param, DTensor):
@@ -428,13 +429,23 @@ def whole_rows(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
     return DTensor.from_local(
         t, param.device_mesh, param.placements, run_check=False, shape=shape, stride=stride
-    ).full_tensor()
+    )
+
+
+def whole_rows(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A per-row state tensor of `param` (see `rows_as_dtensor`) gathered whole on every
+    rank (a collective); as it is when `param` is not sharded."""
+    return whole(rows_as_dtensor(t, param))
 
 
 def rows_of_rank(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a whole per-row state tensor of `param` (see `whole_rows`)."""
+    """This rank's rows of a per-row state tensor of `param`: cut from a whole one, or
+    the local part of one already sharded (`rows_as_dtensor`, read back from a sharded
+    checkpoint)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    if isinstance(t, DTensor):
+        return t.to_local()
     if not isinstance(param, DTensor):
         return t
     return distribute_tensor(t.to(param.device), param.device_mesh, param.placements).to_local()

@@ -30,12 +30,10 @@ from lomotune.allocator import return_freed_memory
 from lomotune.checkpoint import (
     CheckpointError,
     TrainingState,
-    checkpoint_root,
     list_checkpoints,
-    load_checkpoint,
-    load_weights,
     newest_intact_checkpoint,
-    restore_rng,
+    read_training_state,
+    restore_checkpoint,
     save_checkpoint,
 )
 from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
@@ -228,7 +226,7 @@ def plan_output_dir(
                 EXIT_BAD_INPUT,
             )
     if resume and checkpoint is not None:
-        saved = load_checkpoint(checkpoint)[0].recipe
+        saved = read_training_state(checkpoint)[0].recipe
         differences = recipe_differences(saved, recipe.model_dump(mode="json"))
         if differences and not force:
             lines = "\n".join(f"  - {d}" for d in differences)
@@ -334,8 +332,6 @@ def setup(
     def loss_fn(batch):
         return causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
 
-    if checkpoint is not None and not empty:  # into the whole model, before it is sharded
-        restore_weights(model, checkpoint / "model")
     if world.is_distributed:
         loss_fn = distributed.distribute(model, loss_fn, recipe, world, device)
     engine = build_engine(recipe, model, loss_fn)
@@ -365,16 +361,19 @@ def setup(
     except EstimateError as e:
         predicted_note = f"no memory estimate: {e}"
     warnings = method_warnings(recipe)
-    if checkpoint is not None:
-        state, tensors, payload = load_checkpoint(checkpoint)
-        saved_method = state.recipe.get("optimizer", {}).get("name")
-        if saved_method == opt.name:
-            engine.load_state_dict(tensors, state.engine_meta)
-        else:  # --force with another method: that state means nothing to this one
+    if checkpoint is not None:  # into the model as sharded here, whatever wrote it
+        saved_method = read_training_state(checkpoint)[0].recipe.get("optimizer", {}).get("name")
+        state = restore_checkpoint(
+            checkpoint,
+            model=model,
+            engine=engine,
+            world=world,
+            engine_state=saved_method == opt.name,
+        )
+        if saved_method != opt.name:  # --force with another method: its state means nothing here
             notes.append(
                 f"the checkpoint's optimizer state ({saved_method}) was not loaded: {opt.name} starts with fresh state"
             )
-        restore_rng(checkpoint, payload)
         state.recipe = recipe.model_dump(mode="json")
         if world.is_main:
             truncate_metrics(output_dir / METRICS_FILE, state.step)
@@ -420,7 +419,7 @@ def auto_batch_size(
     """`training.batch_size: auto`: the checkpoint's batch on a resume, else the largest
     the memory estimate says fits the device (at most the training rows there are)."""
     if checkpoint is not None:
-        saved = load_checkpoint(checkpoint)[0].recipe["training"]["batch_size"]
+        saved = read_training_state(checkpoint)[0].recipe["training"]["batch_size"]
         return saved, f"training.batch_size auto: {saved}, the batch of the checkpoint resumed"
     rows = BatchLoader(  # rows of training data (packed rows when packing)
         data.train,
@@ -467,16 +466,6 @@ def method_warnings(recipe: Recipe) -> list[str]:
             "optimizer.stochastic_rounding: true (lomo), a larger lr, or model.precision: fp32"
         )
     return out
-
-
-def restore_weights(model: torch.nn.Module, folder: Path) -> None:
-    if hasattr(model, "peft_config"):  # adapters only: the base comes from the recipe
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-    else:
-        load_weights(model, folder)
 
 
 def seed_everything(seed: int) -> None:
@@ -782,18 +771,16 @@ def save(run: Run, keep_all: bool = False) -> Path:
     A step already saved (an interrupt right after a periodic save) is not written again."""
     if run.saved is not None and run.saved[0] == run.state.step:
         return run.saved[1]
-    tensors, meta = run.engine.state_dict()
-    run.state.engine_meta = meta
-    weights = distributed.full_state_dict(run.loaded.model)  # gathered to rank 0 when sharded
-    folder = checkpoint_root(run.output_dir) / f"step-{run.state.step:06d}"
-    if run.world.is_main:
-        folder = save_checkpoint(
-            run.output_dir,
-            run.state,
-            lambda out: save_model(run, out, weights),
-            tensors,
-            keep=None if keep_all else run.recipe.training.keep_checkpoints,
-        )
+    # Every process: a sharded model is written as shards, each rank its own.
+    folder = save_checkpoint(
+        run.output_dir,
+        run.state,
+        model=run.loaded.model,
+        engine=run.engine,
+        write_model=lambda out: save_model(run, out),
+        keep=None if keep_all else run.recipe.training.keep_checkpoints,
+        world=run.world,
+    )
     run.saved = (run.state.step, folder)
     run.dashboard.note(f"checkpoint saved: {folder}")
     return folder

@@ -4,9 +4,13 @@ the imports and the process group are paid for once, not once a command. Each co
 goes through the CLI as `torchrun -m lomotune train ...` would take it; `train` uses the
 process group made here and leaves it for the next command.
 
+A command ["copy", SRC, DST] copies a finished run's folder (rank 0, then every rank
+waits), so that a later command can continue a copy of it.
+
 No plots (a second of matplotlib a run; tested elsewhere). Exits with the first failing command's code, after printing which it was."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +24,11 @@ if __name__ == "__main__":
     train.plot_quietly = lambda run: None
     dist.init_process_group("gloo")
     for args in json.loads(Path(sys.argv[1]).read_text()):
+        if args[0] == "copy":
+            if dist.get_rank() == 0:
+                shutil.copytree(args[1], args[2])
+            dist.barrier()
+            continue
         code = app(args, standalone_mode=False, prog_name="lomotune")
         if code:
             print(f"command failed with exit code {code}: lomotune {' '.join(args)}", flush=True)

@@ -5,7 +5,9 @@ and torchrun.
 For every method, two processes with the global batch split between them must end where
 one process with the whole batch ends (1e-5, fp32), and checkpoints written by 2
 processes continue on 1 and those written by 1 continue on 2, again to the same weights
-and optimizer state; a rank that is killed ends the run within seconds, with a message.
+and optimizer state; a sharded checkpoint (torch.distributed.checkpoint, each rank its
+part) continues on 2 processes to the bits of an uninterrupted 2-process run; a rank that
+is killed ends the run within seconds, with a message.
 
 Starting two processes costs more than the tiny trainings themselves (each imports
 torch and transformers), so one torchrun start runs every method's 2-process commands
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from typer.testing import CliRunner
 
 from lomotune.cli import app
@@ -64,6 +67,7 @@ METHODS = {
                   "optimizer.lora.dropout=0", "optimizer.clip.mode=exact"],
 }  # fmt: skip
 STEPS, RESUMED_STEPS = 2, 3  # the first run ends with a checkpoint at STEPS
+SHARDED = ("lomo", "adalomo", "adamw")  # FSDP2 on 2 processes: sharded checkpoints
 
 
 def train_args(out: Path, method: str, steps: int, *flags: str) -> list[str]:
@@ -99,8 +103,9 @@ def free_port() -> int:
 def runs(tmp_path_factory):
     """Every method: 1 process to step STEPS (in this process); then, in one torchrun
     start of 2 processes, the same from scratch, and the 1-process checkpoint continued
-    to RESUMED_STEPS. Returns (the folder, torchrun's result, what each 1-process
-    run printed)."""
+    to RESUMED_STEPS; for the sharded methods also a copy of the 2-process run continued
+    on 2 processes, and a 2-process run straight to RESUMED_STEPS. Returns (the folder,
+    torchrun's result, what each 1-process run printed)."""
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:  # a data cache of its own, as conftest's
         patch.setenv("LOMOTUNE_CACHE", str(root / "cache"))
@@ -111,6 +116,12 @@ def runs(tmp_path_factory):
         commands = [train_args(root / "two" / m, m, STEPS) for m in METHODS] + [
             train_args(root / "one-then-two" / m, m, RESUMED_STEPS, "--resume") for m in METHODS
         ]
+        for m in SHARDED:
+            commands += [
+                ["copy", str(root / "two" / m), str(root / "two-then-two" / m)],
+                train_args(root / "two-then-two" / m, m, RESUMED_STEPS, "--resume"),
+                train_args(root / "two-straight" / m, m, RESUMED_STEPS),
+            ]
         (root / "commands.json").write_text(json.dumps(commands))
         launched = cli(
             "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "several_trainings.py"),
@@ -126,7 +137,24 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def optimizer_state(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(run / "checkpoints" / f"step-{step:06d}" / "optimizer.safetensors")
+    """The engine's state tensors of a checkpoint, whole, from either format (a sharded
+    one read by DCP's own converter)."""
+    folder = run / "checkpoints" / f"step-{step:06d}"
+    if (folder / "shards").is_dir():
+        return whole_shards(folder).get("optimizer", {})  # none: lomo has no state tensors
+    return load_file(folder / "optimizer.safetensors")
+
+
+def whole_shards(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
+    converted = checkpoint.parent.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint / "shards", converted)
+    return torch.load(converted)
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -165,6 +193,35 @@ def test_two_processes_equal_one_and_checkpoints_continue_on_one_or_two(runs, me
     assert train_losses(one_then_two) == pytest.approx(train_losses(one), abs=1e-5)
 
 
+@pytest.mark.parametrize("method", SHARDED)
+def test_a_sharded_checkpoint_continues_on_two_processes_to_the_same_bits(runs, method):
+    root, _, _ = runs
+    checkpoint = root / "two-straight" / method / "checkpoints" / f"step-{STEPS:06d}"
+    # Each rank wrote its part; no rank gathered the model for it.
+    assert sorted(p.name for p in (checkpoint / "shards").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]  # fmt: skip
+    assert (
+        not (checkpoint / "model").exists() and not (checkpoint / "optimizer.safetensors").exists()
+    )
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["sharded"] and state["world_size"] == 2 and len(state["rng_of_ranks"]) == 2
+    assert {"shards/.metadata", "shards/__1_0.distcp", "rng.safetensors"} <= set(state["files"])
+    # What the shards hold, read by DCP's own converter: the model of that step, as the
+    # 1-process run wrote it (to the reduction order).
+    shards = whole_shards(checkpoint)
+    one = load_file(
+        root / "one" / method / "checkpoints" / f"step-{STEPS:06d}" / "model" / "model.safetensors"
+    )
+    assert_close({k: shards["model"][k] for k in one}, one)
+
+    resumed, straight = root / "two-then-two" / method, root / "two-straight" / method
+    assert_bitwise_equal(weights(resumed / "model"), weights(straight / "model"))
+    assert_bitwise_equal(
+        optimizer_state(resumed, RESUMED_STEPS), optimizer_state(straight, RESUMED_STEPS)
+    )
+    assert train_losses(resumed) == train_losses(straight)
+
+
 def test_generation_eval_on_two_processes_equals_one(runs):
     root, launched, printed = runs
 
@@ -182,8 +239,8 @@ def test_generation_eval_on_two_processes_equals_one(runs):
 
 def test_rank_0_alone_prints_and_each_resume_says_so(runs):
     _, launched, _ = runs
-    assert launched.stdout.count("summary:") == 2 * len(METHODS)
-    assert launched.stdout.count("resumed from") == len(METHODS)
+    assert launched.stdout.count("summary:") == 2 * len(METHODS) + 2 * len(SHARDED)
+    assert launched.stdout.count("resumed from") == len(METHODS) + len(SHARDED)
     assert launched.stdout.count("per process) | mem ") >= len(METHODS)  # the step lines
     assert "max over processes, spread" in launched.stdout
 

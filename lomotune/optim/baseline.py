@@ -146,15 +146,17 @@ class OptimizerEngine:
         counts = sum_over_ranks(finite).tolist()
         return [n for (n, _), c in zip(with_grad, counts, strict=True) if c < ranks]
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+    def state_dict(self, gather: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
         """Optimizer state as (tensors keyed 'index/key', JSON-able rest); the state of
-        sharded parameters gathered whole (a collective), so the format is one process's."""
+        sharded parameters gathered whole (a collective), so the format is one process's,
+        or with `gather=False` left as this rank's shards (DTensors), for a sharded
+        checkpoint."""
         sd = self.optimizer.state_dict()
         tensors, scalars = {}, {}
         for index, state in sd["state"].items():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"{index}/{key}"] = whole(value)
+                    tensors[f"{index}/{key}"] = whole(value) if gather else value
                 else:
                     scalars[f"{index}/{key}"] = value
         meta = {
@@ -164,7 +166,26 @@ class OptimizerEngine:
         }
         return tensors, meta
 
+    def state_template(
+        self, saved: dict[str, tuple[torch.Size, torch.dtype]]
+    ) -> dict[str, torch.Tensor]:
+        """Empty tensors for the state a sharded checkpoint holds (`saved`: key -> whole
+        shape and dtype), each as this process holds it: the optimizer creates its state at
+        its first step, so the shapes come from the checkpoint. A tensor shaped as its
+        parameter (a moment) takes the parameter's shards; others (step counts) are whole."""
+        out = {}
+        for key, (shape, dtype) in saved.items():
+            param = self.params[int(key.split("/", 1)[0])]
+            out[key] = (
+                torch.empty_like(param, dtype=dtype)
+                if shape == param.shape
+                else torch.empty(shape, dtype=dtype)
+            )
+        return out
+
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Tensors whole (the format of one process) or, from a sharded checkpoint, as
+        `state_template` made them."""
         state: dict[int, dict] = {}
         for flat, value in [*tensors.items(), *meta["scalars"].items()]:
             index, key = flat.split("/", 1)

@@ -42,6 +42,7 @@ import torch
 
 from lomotune.distributed import (
     local_shard,
+    rows_as_dtensor,
     rows_of_rank,
     sum_over_ranks,
     sum_replicated_gradient,
@@ -333,11 +334,14 @@ class FusedEngine:
 
     # -- state -------------------------------------------------------------------------
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors by '<param name>/<state key>', JSON-able scalars). Sharded: each state
-        tensor gathered whole (a collective), so the format is one process's."""
+    def state_dict(self, gather: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors by '<param name>/<state key>', JSON-able scalars). Sharded, a state
+        tensor cut by its parameter's rows is gathered whole (a collective), so the format
+        is one process's; with `gather=False` it is the DTensor of this rank's rows, for a
+        sharded checkpoint."""
+        by_rows = whole_rows if gather else rows_as_dtensor
         tensors = {
-            f"{name}/{key}": t if self._whole_on_every_rank(key, p) else whole_rows(t, p)
+            f"{name}/{key}": t if self._whole_on_every_rank(key, p) else by_rows(t, p)
             for name, p, st in zip(self.names, self.params, self.states, strict=True)
             for key, t in st.items()
         }
@@ -348,7 +352,17 @@ class FusedEngine:
         }
         return tensors, meta
 
+    def state_template(
+        self, saved: dict[str, tuple[torch.Size, torch.dtype]]
+    ) -> dict[str, torch.Tensor]:
+        """Empty tensors, shaped as this process holds its state (DTensors of its rows when
+        sharded), for a sharded checkpoint to be read into; `saved` (the shapes and dtypes
+        it holds) is not needed: every parameter has its state from the start."""
+        return {k: torch.empty_like(t) for k, t in self.state_dict(gather=False)[0].items()}
+
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Tensors whole (the format of one process) or, from a sharded checkpoint, as
+        `state_template` made them."""
         for name, p, st in zip(self.names, self.params, self.states, strict=True):
             for key in st:
                 t = tensors[f"{name}/{key}"]

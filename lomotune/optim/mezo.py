@@ -195,9 +195,14 @@ class MezoEngine:
 
     # -- state -------------------------------------------------------------------------
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+    def state_dict(self, gather: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
         """No tensors: z is drawn again from (seed, step), so the step count is all."""
         return {}, {"step_count": self.step_count}
+
+    def state_template(
+        self, saved: dict[str, tuple[torch.Size, torch.dtype]]
+    ) -> dict[str, torch.Tensor]:
+        return {}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.step_count = int(meta["step_count"])
