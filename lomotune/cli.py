@@ -21,7 +21,13 @@ SHIPPED_RECIPES = Path(__file__).parent / "recipes"
 
 
 def fail(message: str, code: int, echo: bool = True) -> None:
-    """Exit with `code`; `echo=False` for an error that rank 0 of a run already printed."""
+    """Exit with `code`; `echo=False` for an error that rank 0 of a run already printed.
+    A process started by `lomotune train`'s launcher hands the message to the launcher,
+    which prints the first failed process's once."""
+    # Only a training imported it (and with it torch); other commands need not.
+    distributed = sys.modules.get("lomotune.distributed")
+    if distributed is not None and distributed.hand_to_launcher(message, code):
+        raise typer.Exit(code)
     if echo:
         err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)

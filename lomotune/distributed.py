@@ -37,12 +37,15 @@ the one-process step.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
 import os
-import signal
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,6 +53,9 @@ import torch.distributed as dist
 from lomotune.recipe import HardwareConfig, Recipe
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+# Set by `launch` for its workers: a folder where a worker that stops with an error leaves
+# its message (`hand_to_launcher`), for the launcher to print once.
+MESSAGES_VARIABLE = "LOMOTUNE_LAUNCHER_MESSAGES"
 # Methods that run on several processes, and how.
 SHARDED_METHODS = ("lomo", "adalomo", "sgd", "adamw")  # FSDP2
 # Data parallel: every rank holds the whole model; mezo sums its scalar losses, the others
@@ -113,7 +119,15 @@ def needs_launch(recipe: Recipe) -> bool:
 def launch(recipe: Recipe, argv: list[str]) -> None:
     """Run `python -m lomotune <argv>` in every process of this node through torch's
     elastic launcher; returns when all finished, raises LaunchError when one failed
-    (the others are stopped by the launcher within its monitor interval)."""
+    (the others are stopped by the launcher within its monitor interval) or when the
+    launcher was stopped by a signal.
+
+    The workers run in sessions of their own (the elastic launcher starts them so): Ctrl-C
+    in a terminal reaches the launcher alone, which passes it on to each worker once;
+    each saves a checkpoint and exits as one process does. A worker that stops with an
+    error leaves its message for the launcher (`hand_to_launcher`), which prints the
+    first failed worker's once, instead of a line from every rank and the launcher's."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -128,36 +142,77 @@ def launch(recipe: Recipe, argv: list[str]) -> None:
         rdzv_configs={"rank": hw.node_rank, "timeout": 300},
         max_restarts=0,  # a failed rank fails the run: its checkpoint is the restart
         monitor_interval=0.2,
-        # Ctrl-C reaches every worker from the terminal and each saves a checkpoint: the
-        # launcher must not answer it by signalling them again (a second signal aborts).
-        signals_to_handle="SIGTERM,SIGHUP,SIGQUIT",
+        # Passed on to the workers, which finish their step and save; they get a minute
+        # before they are killed.
+        signals_to_handle="SIGINT,SIGTERM,SIGHUP,SIGQUIT",
         shutdown_timeout=60,
     )
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        elastic_launch(config, sys.executable)("-m", "lomotune", *argv)
-    except dist.DistNetworkError as e:
-        if "EADDRINUSE" not in str(e):
-            raise
-        raise LaunchError(
-            f"hardware.master_port: {hw.master_port} on {hw.master_addr} is in use (another "
-            "run?). Pass --master-port with a free port, the same on every machine",
-            2,
-        ) from None
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        how = (
-            f"was stopped by {failure.signal_name()}"
-            if failure.exitcode < 0
-            else f"exited with code {failure.exitcode}"
-        )
-        raise LaunchError(
-            f"process {rank} {how}; the other processes were stopped (its message, if any, "
-            "is above). Checkpoints already complete are intact: continue with --resume",
-            failure.exitcode if failure.exitcode > 0 else 1,
-        ) from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # The launcher's own log lines ("failed (exitcode: 2) local_rank: 0 ...") repeat, less
+    # clearly, what the message printed below says.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith(
+            "torch.distributed.launcher"
+        ):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="lomotune-messages-") as messages:
+        os.environ[MESSAGES_VARIABLE] = messages
+        try:
+            elastic_launch(config, sys.executable)("-m", "lomotune", *argv)
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e):
+                raise
+            raise LaunchError(
+                f"hardware.master_port: {hw.master_port} on {hw.master_addr} is in use (another "
+                "run?). Pass --master-port with a free port, the same on every machine",
+                2,
+            ) from None
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            handed = _handed_message(Path(messages), rank)
+            if handed is not None:  # the worker's own message: once, with its exit code
+                raise LaunchError(*handed) from None
+            how = (
+                f"was stopped by {failure.signal_name()}"
+                if failure.exitcode < 0
+                else f"exited with code {failure.exitcode}"
+            )
+            raise LaunchError(
+                f"process {rank} {how}; the other processes were stopped (its message, if any, "
+                "is above). Checkpoints already complete are intact: continue with --resume",
+                failure.exitcode if failure.exitcode > 0 else 1,
+            ) from None
+        except SignalException as e:  # Ctrl-C or kill: passed on, the workers have stopped
+            for rank in range(processes_per_node(hw) * hw.nodes):
+                handed = _handed_message(Path(messages), rank)
+                if handed is not None:
+                    raise LaunchError(*handed) from None
+            raise LaunchError(
+                f"stopped by {e.sigval.name} before the processes could save a checkpoint; the "
+                "last complete checkpoint, if any, is intact: continue with --resume",
+                128 + e.sigval.value,
+            ) from None
+        finally:
+            os.environ.pop(MESSAGES_VARIABLE, None)
+
+
+def hand_to_launcher(message: str, exit_code: int) -> bool:
+    """Under lomotune's own launcher, leave this worker's error message for the launcher to
+    print (every rank of a run often stops with the same one); False elsewhere (under
+    torchrun, or alone): print it yourself."""
+    folder = os.environ.get(MESSAGES_VARIABLE)
+    if not folder or not under_launcher():
+        return False
+    record = {"message": message, "exit_code": exit_code}
+    (Path(folder) / f"rank-{os.environ['RANK']}.json").write_text(json.dumps(record))
+    return True
+
+
+def _handed_message(folder: Path, rank: int) -> tuple[str, int] | None:
+    path = folder / f"rank-{rank}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record["message"], record["exit_code"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def train_in(
     if precision.warning:
         run.warnings.insert(0, precision.warning)
     started = time.perf_counter()
-    with GracefulStop() as stop, run.dashboard, run.meter, run.metrics:
+    with GracefulStop(quiet=not world.is_main) as stop, run.dashboard, run.meter, run.metrics:
         if run.resumed_from:
             run.dashboard.note(f"resumed from {run.resumed_from} (step {run.state.step})")
         for message in run.notes:
@@ -877,7 +877,8 @@ class GracefulStop:
     """First SIGINT/SIGTERM: finish the step, save, exit. Second: abort at once (the
     last complete checkpoint is untouched: saves are atomic)."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):  # quiet: ranks other than 0 say nothing
+        self.quiet = quiet
         self.requested = False
         self.signal_number: int | None = None
         self._previous: dict[int, Any] = {}
@@ -898,7 +899,8 @@ class GracefulStop:
             raise KeyboardInterrupt  # second signal: stop now
         self.requested = True
         self.signal_number = signum
-        print(
-            f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (again to abort now)",
-            flush=True,
-        )
+        if not self.quiet:
+            print(
+                f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (again to abort now)",
+                flush=True,
+            )

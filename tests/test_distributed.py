@@ -15,6 +15,7 @@ torch and transformers), so one torchrun start runs every method's 2-process com
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -326,3 +327,74 @@ def test_every_method_has_a_way_to_run_on_several_processes_and_is_tested_here()
     assert sorted(SHARDED_METHODS + REPLICATED_METHODS) == sorted(get_args(MethodName))
     # sgd steps through the same engine and FSDP2 path as adamw
     assert set(get_args(MethodName)) - set(METHODS) == {"sgd"}
+
+
+def launched_run(out: Path, *flags: str) -> subprocess.Popen:
+    """`lomotune train` of 2 processes (the elastic launcher) in a session of its own, as
+    a terminal runs it: a signal to its process group is Ctrl-C."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lomotune", "train", TINY, f"training.output_dir={out}",
+         "hardware.processes=2", *COMMON, f"hardware.master_port={free_port()}", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def test_ctrl_c_on_two_processes_saves_and_exits_as_one_process_does(tmp_path):
+    from lomotune.checkpoint import latest_checkpoint, verify_checkpoint
+
+    out = tmp_path / "run"
+    launcher = launched_run(out, "training.max_steps=100000", "training.save_every=0")
+    try:
+        deadline = time.monotonic() + 120
+        while (
+            not (out / "metrics.jsonl").exists()
+            or '"train"' not in (out / "metrics.jsonl").read_text()
+        ):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+        stdout, stderr = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, stdout + stderr
+    # One message, the one a single process prints, and no launcher noise.
+    stopped = re.fullmatch(
+        r"error: stopped by SIGINT after step (\d+); checkpoint (\S+)\.\n"
+        r"Continue with: lomotune train (\S+) --resume\n",
+        stderr,
+    )
+    assert stopped, stderr
+    assert stdout.count("SIGINT: finishing this step, then saving a checkpoint") == 1
+    checkpoint = out / "checkpoints" / f"step-{int(stopped.group(1)):06d}"
+    assert stopped.group(2) == str(checkpoint) and latest_checkpoint(out) == checkpoint
+    assert stopped.group(3) == str(out / "recipe.yaml")
+    assert (checkpoint / "shards" / "__1_0.distcp").exists() and verify_checkpoint(checkpoint) == []
+
+
+def test_bad_input_found_in_the_processes_is_one_message_and_exit_2(tmp_path):
+    # Found by rank 0 after the launch (the folder is decided there), not by the CLI.
+    (tmp_path / "taken").write_text("a file")
+    launcher = launched_run(tmp_path / "taken", "training.max_steps=2")
+    stdout, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2, stdout + stderr
+    assert stderr == (
+        f"error: training.output_dir: {tmp_path / 'taken'} is a file, not a folder. Set "
+        "training.output_dir to a folder (it is created if missing)\n"
+    )
+
+
+def test_torchrun_m_lomotune_runs_under_it_and_is_not_launched_again(tmp_path):
+    out = tmp_path / "run"
+    result = cli(
+        "--standalone", "--nproc-per-node", "2", "-m", "lomotune", "train", TINY,
+        f"training.output_dir={out}", "training.max_steps=2", "hardware.processes=2", *COMMON,
+        launcher=(TORCHRUN,),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    # Launched again, each of the 2 would have started 2 more: 4 ranks, or a port clash.
+    assert result.stdout.count("summary:") == 1
+    assert (out / "checkpoints" / "step-000002" / "shards" / "__1_0.distcp").exists()
