@@ -53,9 +53,9 @@ METHODS = {
     "lomo": ["optimizer.name=lomo", "optimizer.lr=0.05", "optimizer.clip.mode=exact",
              "optimizer.clip.max_norm=0.5", "training.generate_eval_examples=1"],
     # adalomo under FSDP2: row statistics of a shard local, column statistics, mean(R),
-    # both RMS summed over ranks; its factors gathered whole in checkpoints.
+    # both RMS summed over ranks; its factors written sharded by rows in checkpoints.
     "adalomo": ["optimizer.name=adalomo", "optimizer.lr=1e-2", "optimizer.weight_decay=0.01"],
-    # adamw under FSDP2: its moments are sharded, and gathered whole in checkpoints.
+    # adamw under FSDP2: its moments are sharded, and so written in checkpoints.
     "adamw": ["optimizer.name=adamw", "optimizer.lr=1e-3", "optimizer.clip.mode=exact",
               "optimizer.clip.max_norm=0.5"],
     # mezo: data parallel, only the losses are summed.
@@ -248,13 +248,7 @@ def test_rank_0_alone_prints_and_each_resume_says_so(runs):
 
 def test_a_killed_process_ends_the_run_within_seconds(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "lomotune", "train", TINY, f"training.output_dir={out}",
-         "training.max_steps=100000", "hardware.processes=2", *COMMON,
-         f"hardware.master_port={free_port()}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-    )  # fmt: skip
+    launcher = launched_run(out, "training.max_steps=100000")
     try:
         deadline = time.monotonic() + 120
         while (
