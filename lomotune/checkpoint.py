@@ -38,6 +38,7 @@ newest checkpoint gives way to the newest intact one (`newest_intact_checkpoint`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -199,6 +200,15 @@ def _complete(
             ]
         else:
             payload["python_rng"], payload["numpy_rng"] = rngs[0]["python"], rngs[0]["numpy"]
+        if sharded and (missing := shard_files_not_here(partial / SHARDS)):
+            # Several machines, each writing into its own disk: what this rank cannot see,
+            # it cannot hash, and a resume anywhere would lack it.
+            raise OSError(
+                errno.ENOENT,
+                f"the shard files {', '.join(missing)} written by other processes are not "
+                "visible from rank 0: with several machines training.output_dir must be on "
+                "a file system all of them share",
+            )
         payload["recipe"] = state.recipe
         payload["files"] = file_digests(partial)
         (partial / "state.json").write_text(json.dumps(payload, indent=1))
@@ -215,6 +225,17 @@ def _complete(
     for old in list_checkpoints(output_dir)[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def shard_files_not_here(shards: Path) -> list[str]:
+    """The files a DCP checkpoint's .metadata names that do not exist under `shards`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    named = {
+        info.relative_path
+        for info in FileSystemReader(shards).read_metadata().storage_data.values()
+    }
+    return sorted(name for name in named if not (shards / name).is_file())
 
 
 def _abandon(output_dir: Path, final: Path, partial: Path, error: OSError | Exception) -> None:

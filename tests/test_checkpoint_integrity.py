@@ -75,3 +75,19 @@ def test_output_dir_that_is_a_file(tmp_path):
     assert f"training.output_dir: {path} is a file, not a folder" in result.output
     assert "intact" not in result.output
     assert path.read_text() == "not a folder"
+
+
+def test_shard_files_another_machine_wrote_elsewhere_are_named(tmp_path):
+    """Several machines whose output_dir is not shared: rank 0 sees .metadata but not
+    every .distcp file it names, and must say so rather than hash an incomplete set."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from lomotune.checkpoint import shard_files_not_here
+
+    shards = tmp_path / "shards"
+    dcp.save({"w": torch.arange(6.0)}, storage_writer=dcp.FileSystemWriter(shards))
+    written = sorted(p.name for p in shards.glob("*.distcp"))
+    assert written and shard_files_not_here(shards) == []
+    (shards / written[0]).unlink()  # what another machine's disk would hold
+    assert shard_files_not_here(shards) == [written[0]]
