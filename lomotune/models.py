@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lomotune.cache import cache_root
+from lomotune.linear_cross_entropy import PLAIN, LogitTransform, linear_cross_entropy
 from lomotune.recipe import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -252,19 +253,14 @@ PLAIN_HEAD_FAMILIES = {
 }  # fmt: skip
 
 
-def _softcap(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    cap = config.final_logit_softcapping
-    return None if cap is None else (lambda z: torch.tanh(z / cap) * cap)
-
-
-LOGIT_TRANSFORMS: dict[str, Callable[[object], Callable[[torch.Tensor], torch.Tensor] | None]] = {
-    "gemma2": _softcap,  # tanh(z / cap) * cap
-    "gemma3_text": _softcap,
-    "granite": lambda c: lambda z: z / c.logits_scaling,
-    "granitemoe": lambda c: lambda z: z / c.logits_scaling,
-    "cohere": lambda c: lambda z: z * c.logit_scale,
-    "cohere2": lambda c: lambda z: z * c.logit_scale,
-    "falcon_h1": lambda c: lambda z: z * c.lm_head_multiplier,
+LOGIT_TRANSFORMS: dict[str, Callable[[object], LogitTransform]] = {
+    "gemma2": lambda c: LogitTransform(softcap=c.final_logit_softcapping),
+    "gemma3_text": lambda c: LogitTransform(softcap=c.final_logit_softcapping),
+    "granite": lambda c: LogitTransform(multiplier=1.0 / c.logits_scaling),
+    "granitemoe": lambda c: LogitTransform(multiplier=1.0 / c.logits_scaling),
+    "cohere": lambda c: LogitTransform(multiplier=c.logit_scale),
+    "cohere2": lambda c: LogitTransform(multiplier=c.logit_scale),
+    "falcon_h1": lambda c: LogitTransform(multiplier=c.lm_head_multiplier),
 }
 
 
@@ -274,7 +270,7 @@ class LossPath:
     if any), or the model's own forward when the chunked path cannot reproduce it."""
 
     chunked: bool
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    transform: LogitTransform = PLAIN
     reason: str = ""  # why the model's own loss is used
 
 
@@ -308,10 +304,12 @@ def causal_lm_loss(
     """Summed next-token cross-entropy over the label tokens, and their count.
 
     Only positions with a label are projected to the vocabulary, `chunk_tokens` at a
-    time, each chunk under activation checkpointing: the (tokens x vocab) fp32 logits
-    never exist whole, and are recomputed chunk by chunk in backward. The projection is
-    the model's own output module (a LoRA adapter on it takes part) followed by the
-    family's logit transform (softcapping, scaling).
+    time: the (tokens x vocab) fp32 logits never exist whole, and are recomputed chunk by
+    chunk in backward. The projection is the model's own output module followed by the
+    family's logit transform (softcapping, scaling). A plain `nn.Linear` head goes
+    through `linear_cross_entropy` (one weight-gradient buffer for all chunks); any other
+    (a LoRA adapter on it, a bias, a quantized or sharded module) is called as a module,
+    each chunk under activation checkpointing.
     """
     path = loss_path(model)
     if not path.chunked:
@@ -330,11 +328,11 @@ def causal_lm_loss(
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return linear_cross_entropy(h, head.weight, y, chunk_tokens, path.transform), n
 
     def chunk_loss(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
-        logits = head(h_chunk).float()  # (n, vocab)
-        if path.transform is not None:
-            logits = path.transform(logits)
+        logits = path.transform(head(h_chunk).float())  # (n, vocab)
         return F.cross_entropy(logits, y_chunk, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)

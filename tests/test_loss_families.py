@@ -17,7 +17,7 @@ from lomotune.recipe import ClipConfig
 from lomotune.testing import TINY_FAMILIES, random_batches, tiny_model
 
 VOCAB = 96
-TRANSFORMED = ("gemma2", "gemma3_text", "granite")
+TRANSFORMED = ("gemma2", "gemma3_text", "granite", "cohere")
 
 
 def batches(n=1):

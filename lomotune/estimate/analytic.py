@@ -11,8 +11,10 @@ an element in the model's precision, H hidden, I intermediate, V vocab, L layers
 
 Phases of a gradient method (lomo, adalomo, sgd, adamw, adam-mini, qlora-sgd):
 - loss: every kept activation, plus the backward of one chunk of the chunked loss
-  (12 bytes x V per token: fp32 log-softmax output, its gradient, the gradient of the
-  logits) and the lm_head gradient it accumulates into;
+  (`linear_cross_entropy`: the chunk's logits in the model's precision, their fp32 copy
+  turned into d(loss)/d(logits) in place and cast back: (4 + a) bytes x V per token, 4
+  in fp32), the whole gradient of the loss input, and the one lm_head gradient that
+  every chunk adds into;
 - top layer: the layer recomputed (checkpointing) with all it saves, the incoming
   hidden-state gradient, and the gradients held at that moment: for fused methods one
   tensor being updated (with its fp32 copies), for the others every gradient so far;
@@ -151,6 +153,10 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     c = min(setup.loss_chunk_tokens, n)
     h, v = shape.hidden, shape.vocab
     method = setup.method
+    # one chunk of logits in the loss (forward or backward): in the model's precision as
+    # the matmul writes them, and their fp32 copy (the same buffer in fp32). A softcapped
+    # head (Gemma 2/3) keeps one more fp32 chunk for tanh's slope in backward: not counted.
+    chunk_logits = c * v * (4 + (a if a != 4 else 0))
     shard = setup.gpus  # FSDP: persistent per-parameter bytes divide over the ranks
 
     weights = _weights(shape, setup, a)
@@ -177,7 +183,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     kept_parts = {"activations_kept": kept + final_norm + head_in + inputs}
 
     if method == "mezo":
-        return _mezo(shape, setup, a, base, inputs, t, n, c)
+        return _mezo(shape, setup, a, base, inputs, t, n, chunk_logits)
 
     head_grad = v * h * a
     largest_layer = max(shape.layer_matrices())
@@ -188,7 +194,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     phases["loss backward"] = {
         **base,
         **kept_parts,
-        "logits_loss": 12 * c * v + c * h * a,
+        "logits_loss": chunk_logits + n * h * a,
         "gradients": head_grad // (1 if method in FUSED else shard),
     }
     if method in FUSED and method != "qlora-sgd":
@@ -389,12 +395,15 @@ def _step_temporary(shape: Shape, setup: Setup, a: int) -> int:
     return 0
 
 
-def _mezo(shape, setup, a, base, inputs, t, n, c) -> Estimate:
+def _mezo(shape, setup, a, base, inputs, t, n, chunk_logits) -> Estimate:
     h, i, v = shape.hidden, shape.intermediate, shape.vocab
-    layer_forward = t * (3 * i * a + 5 * h * a) + setup.batch_size * setup.seq_len**2 * a
+    # MLP tensors alive at once: gate, up, silu(gate) (SwiGLU) or fc1's output and its
+    # activation (OPT, GPT-NeoX)
+    mlp_live = 3 if shape.family == "llama" else 2
+    layer_forward = t * (mlp_live * i * a + 5 * h * a) + setup.batch_size * setup.seq_len**2 * a
     if setup.attention == "eager":
         layer_forward += setup.batch_size * shape.heads * setup.seq_len**2 * (a + 4)
-    loss_forward = t * h * a + n * h * a + c * v * 8  # logits: fp32 + log-softmax
+    loss_forward = t * h * a + n * h * a + chunk_logits  # log-sum-exp taken in place
     z = max(v * h, max(shape.layer_matrices())) * a
     phases = {
         "inference forward of one layer": {

@@ -105,6 +105,10 @@ TINY_FAMILIES: dict[str, tuple[str, dict]] = {
         {**_DECODER, "head_dim": 8, "final_logit_softcapping": 0.7, "sliding_window": 16},
     ),
     "granite": ("GraniteConfig", {**_DECODER, "logits_scaling": 4.0}),
+    "cohere": (
+        "CohereConfig",
+        {**_DECODER, "logit_scale": 0.25, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    ),
     "phi3": (
         "Phi3Config",
         {**_DECODER, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},

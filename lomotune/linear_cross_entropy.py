@@ -1,0 +1,136 @@
+"""Cross-entropy of a linear output projection, computed chunk by chunk, with the
+projection's weight gradient accumulated in one buffer.
+
+    loss = sum_i CE(transform(hidden_i @ weight.T), label_i)
+
+Autograd through per-chunk checkpoints (the general path in `models.causal_lm_loss`)
+makes every chunk's weight gradient a fresh (vocab x hidden) tensor and sums it into the
+one accumulated so far: up to three head-sized tensors alive at once, besides the
+chunk's logits, log-probabilities and their gradient. This function's backward recomputes
+each chunk's logits, turns them into d(loss)/d(logits) in place, and adds their product
+with the chunk's hidden states into one preallocated gradient (`addmm_`): at any moment
+one weight gradient, the hidden states' gradient and one chunk's logits are alive. The
+forward keeps no logits either (one chunk's at a time, log-sum-exp taken in place).
+The same idea as Liger-Kernel's and Apple's cut-cross-entropy fused linear
+cross-entropy, written for CPU and any device with plain torch ops; the gradient is
+formed in backward (not in forward, as Liger does) so that a loss scale applied to the
+loss reaches it before any rounding to bf16 / fp16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a family's head does to the projection before the loss:
+    `softcap * tanh(z * multiplier / softcap)` (no tanh when softcap is None)."""
+
+    multiplier: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        out = logits * self.multiplier if self.multiplier != 1.0 else logits
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """The same, in place on a private fp32 buffer."""
+        if self.multiplier != 1.0:
+            logits.mul_(self.multiplier)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def derivative(self, transformed: torch.Tensor) -> torch.Tensor | None:
+        """d(transformed)/d(logits) elementwise, from the transformed logits (None: the
+        constant multiplier alone). tanh' = 1 - tanh^2, with tanh = transformed / softcap."""
+        if self.softcap is None:
+            return None
+        return (transformed / self.softcap).square_().neg_().add_(1.0).mul_(self.multiplier)
+
+
+PLAIN = LogitTransform()
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,  # (N, H): the hidden states at the label positions
+    weight: torch.Tensor,  # (V, H): the output projection, no bias
+    labels: torch.Tensor,  # (N,): every one a class index (no ignore_index)
+    chunk_tokens: int,
+    transform: LogitTransform = PLAIN,
+) -> torch.Tensor:
+    """Summed cross-entropy (fp32 scalar) of `transform(hidden @ weight.T)` against
+    `labels`; logits are in fp32 as `F.cross_entropy(logits.float(), ...)` would see them."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1; got {chunk_tokens}")
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, transform)
+
+
+def _transformed_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, transform: LogitTransform
+) -> torch.Tensor:
+    """(c, V) fp32 logits of one chunk, transformed in place: a buffer of its own."""
+    logits = (hidden @ weight.t()).float()  # the model's dtype, then fp32 as the loss sees it
+    return transform.apply_(logits)
+
+
+def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits -> exp(logits - rowmax) in place; returns (rowmax, row sums), both (c, 1)."""
+    rowmax = logits.amax(dim=1, keepdim=True)
+    logits.sub_(rowmax).exp_()
+    return rowmax, logits.sum(dim=1, keepdim=True)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens, transform):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            end = start + chunk_tokens
+            logits = _transformed_logits(hidden[start:end], weight, transform)
+            picked = logits.gather(1, labels[start:end, None])  # (c, 1)
+            rowmax, sums = _exp_shifted_(logits)
+            # CE = logsumexp(z) - z[label] = log(sum exp(z - max)) + max - z[label]
+            total += (sums.log_() + rowmax - picked).sum()
+            del logits
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk_tokens, ctx.transform = chunk_tokens, transform
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        hidden, weight, labels = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        transform: LogitTransform = ctx.transform
+        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+            end = start + ctx.chunk_tokens
+            h, y = hidden[start:end], labels[start:end]
+            logits = _transformed_logits(h, weight, transform)
+            slope = transform.derivative(logits)  # before softmax overwrites them
+            # d CE / d z = softmax(z) - onehot(label), times the incoming gradient
+            _, sums = _exp_shifted_(logits)
+            grad_logits = logits.div_(sums)
+            grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+            grad_logits.mul_(grad_total)
+            if slope is not None:
+                grad_logits.mul_(slope)
+            elif transform.multiplier != 1.0:
+                grad_logits.mul_(transform.multiplier)
+            # the matmuls run in the model's dtype (a copy unless fp32: free the fp32 one)
+            grad_logits = grad_logits.to(weight.dtype)
+            del slope, logits
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
+            del grad_logits
+        return grad_hidden, grad_weight, None, None, None
