@@ -15,6 +15,12 @@ The same idea as Liger-Kernel's and Apple's cut-cross-entropy fused linear
 cross-entropy, written for CPU and any device with plain torch ops; the gradient is
 formed in backward (not in forward, as Liger does) so that a loss scale applied to the
 loss reaches it before any rounding to bf16 / fp16.
+
+A tied weight (the input embedding is the output head) has a second use: autograd holds
+the head's gradient until the embedding's backward has made a dense (vocab x hidden)
+gradient of its own, then sums the two. `TiedGradient` passes the head's gradient buffer
+from this loss's backward to `tied_embedding`'s, which adds the embedding rows into it:
+one vocab-sized gradient through the whole backward, never two.
 """
 
 from __future__ import annotations
@@ -58,18 +64,45 @@ class LogitTransform:
 PLAIN = LogitTransform()
 
 
+class TiedGradient:
+    """The gradient buffer of a weight that is both the output head and the input
+    embedding, on its way from the loss's backward (which runs first) to the embedding's
+    (which runs last and hands it to autograd whole)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def take(self) -> torch.Tensor | None:
+        buffer, self.buffer = self.buffer, None
+        return buffer
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,  # (N, H): the hidden states at the label positions
     weight: torch.Tensor,  # (V, H): the output projection, no bias
     labels: torch.Tensor,  # (N,): every one a class index (no ignore_index)
     chunk_tokens: int,
     transform: LogitTransform = PLAIN,
+    tied: TiedGradient | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) of `transform(hidden @ weight.T)` against
-    `labels`; logits are in fp32 as `F.cross_entropy(logits.float(), ...)` would see them."""
+    `labels`; logits are in fp32 as `F.cross_entropy(logits.float(), ...)` would see them.
+    With `tied`, the weight's gradient is left there for `tied_embedding`'s backward
+    (which must be part of the same graph) instead of being returned to autograd."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1; got {chunk_tokens}")
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, transform)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, transform, tied)
+
+
+def tied_embedding(
+    ids: torch.Tensor,  # (B, T) token ids
+    weight: torch.Tensor,  # (V, H): the embedding, also the head `linear_cross_entropy` uses
+    padding_idx: int | None,
+    tied: TiedGradient,
+) -> torch.Tensor:
+    """`F.embedding(ids, weight, padding_idx)`, whose weight gradient is added into the
+    head's gradient buffer left in `tied` (the padding row gets none, as F.embedding's)."""
+    return _TiedEmbedding.apply(ids, weight, padding_idx, tied)
 
 
 def _transformed_logits(
@@ -89,7 +122,7 @@ def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, transform):
+    def forward(ctx, hidden, weight, labels, chunk_tokens, transform, tied):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = start + chunk_tokens
@@ -100,7 +133,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += (sums.log_() + rowmax - picked).sum()
             del logits
         ctx.save_for_backward(hidden, weight, labels)
-        ctx.chunk_tokens, ctx.transform = chunk_tokens, transform
+        ctx.chunk_tokens, ctx.transform, ctx.tied = chunk_tokens, transform, tied
         return total
 
     @staticmethod
@@ -133,4 +166,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), h)
             del grad_logits
-        return grad_hidden, grad_weight, None, None, None
+        if ctx.tied is not None and grad_weight is not None:
+            ctx.tied.buffer, grad_weight = grad_weight, None  # the embedding returns it
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, tied):
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.tied = padding_idx, tied
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        return torch.nn.functional.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        grad_weight = ctx.tied.take()
+        if grad_weight is None:  # the loss's backward did not run (or made none)
+            grad_weight = grad_out.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
+        if ctx.padding_idx is not None:
+            # F.embedding gives the padding row no gradient: keep the head's for it exactly
+            # (a copy of one row, rather than a data-dependent selection of the tokens)
+            head_row = grad_weight[ctx.padding_idx].clone()
+        grad_weight.index_add_(0, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]))
+        if ctx.padding_idx is not None:
+            grad_weight[ctx.padding_idx] = head_row
+        return None, grad_weight, None, None

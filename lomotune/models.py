@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lomotune.cache import cache_root
-from lomotune.linear_cross_entropy import PLAIN, LogitTransform, linear_cross_entropy
+from lomotune.linear_cross_entropy import (
+    PLAIN,
+    LogitTransform,
+    TiedGradient,
+    linear_cross_entropy,
+    tied_embedding,
+)
 from lomotune.recipe import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -309,18 +315,23 @@ def causal_lm_loss(
     family's logit transform (softcapping, scaling). A plain `nn.Linear` head goes
     through `linear_cross_entropy` (one weight-gradient buffer for all chunks); any other
     (a LoRA adapter on it, a bias, a quantized or sharded module) is called as a module,
-    each chunk under activation checkpointing.
+    each chunk under activation checkpointing. A trained weight that is both a plain
+    `nn.Embedding` and that head is looked up by `tied_embedding`, whose backward adds
+    into the head's gradient: no second vocab-sized gradient at the end of backward.
     """
     path = loss_path(model)
     if not path.chunked:
         return _own_loss(model, batch)
     body, head = split_head(model)
-    hidden = body(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    ).last_hidden_state  # (B, T, H)
+    fused = type(head) is torch.nn.Linear and head.bias is None
+    tied = TiedGradient() if fused and _plain_tied_embedding(body, head) else None
+    with _embedding_into(tied, body.get_input_embeddings()):
+        hidden = body(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state  # (B, T, H)
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = labels != -100
     h = hidden[:, :-1][keep]  # (N, H)
@@ -328,8 +339,8 @@ def causal_lm_loss(
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    if type(head) is torch.nn.Linear and head.bias is None:
-        return linear_cross_entropy(h, head.weight, y, chunk_tokens, path.transform), n
+    if fused:
+        return linear_cross_entropy(h, head.weight, y, chunk_tokens, path.transform, tied), n
 
     def chunk_loss(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
         logits = path.transform(head(h_chunk).float())  # (n, vocab)
@@ -340,6 +351,41 @@ def causal_lm_loss(
         end = min(start + chunk_tokens, n)
         total = total + checkpoint(chunk_loss, h[start:end], y[start:end], use_reentrant=False)
     return total, n
+
+
+def _plain_tied_embedding(body: torch.nn.Module, head: torch.nn.Module) -> bool:
+    """The body's input embedding is the head's trained weight, in a plain lookup that
+    `tied_embedding` reproduces: no scaling subclass (Gemma's), no max_norm, no
+    frequency scaling, no sparse gradient."""
+    embed = body.get_input_embeddings()
+    return (
+        type(embed) is torch.nn.Embedding
+        and embed.weight is head.weight
+        and embed.weight.requires_grad
+        and embed.max_norm is None
+        and not embed.scale_grad_by_freq
+        and not embed.sparse
+    )
+
+
+@contextlib.contextmanager
+def _embedding_into(tied: TiedGradient | None, embed: torch.nn.Module):
+    """While the body runs, the embedding's output is replaced by `tied_embedding`'s (the
+    same values; the module's own lookup and its graph are dropped at once), so that its
+    backward adds into the head's gradient. The body is called as usual, with input ids,
+    and other hooks on the embedding (transformers' input-grad hook) still see the output."""
+    if tied is None:
+        yield
+        return
+
+    def lookup(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return tied_embedding(args[0], module.weight, module.padding_idx, tied)
+
+    handle = embed.register_forward_hook(lookup, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _own_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

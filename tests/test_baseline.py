@@ -55,7 +55,7 @@ def test_accumulated_micro_batches_equal_one_full_batch(name):
         assert torch.allclose(p, q, atol=tol)
 
 
-def assert_engine_equals_plain_loop(engine, model, opt, ref, lr=3e-3):
+def assert_engine_equals_plain_loop(engine, model, opt, ref, lr=3e-3, atol=1e-6):
     """3 engine steps on `model` = 3 textbook steps (backward, opt.step) on `ref`."""
     for b in batches(3):
         engine.step([b], lr=lr)
@@ -63,7 +63,7 @@ def assert_engine_equals_plain_loop(engine, model, opt, ref, lr=3e-3):
         ref(**b).loss.backward()
         opt.step()
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-6)
+        assert torch.allclose(p, q, atol=atol)
 
 
 def test_adamw_engine_equals_plain_torch_adamw_loop():
@@ -77,7 +77,11 @@ def test_adamw_engine_equals_plain_torch_adamw_loop():
         clip=ClipConfig(),
     )
     opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1)
-    assert_engine_equals_plain_loop(engine, model, opt, ref)
+    # The tied weight's gradient sums the head's and the embedding's parts in another
+    # order than autograd (the embedding adds into the head's buffer): ~1e-7 of the
+    # largest gradient, which AdamW's division by sqrt(v) grows to ~6e-6 in rows where the
+    # two parts nearly cancel (as in test_accumulated_micro_batches_equal_one_full_batch).
+    assert_engine_equals_plain_loop(engine, model, opt, ref, atol=1e-5)
 
 
 def test_adam_mini_engine_equals_the_adam_mini_package_and_prints_nothing(capsys):

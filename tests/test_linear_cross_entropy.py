@@ -79,6 +79,17 @@ def own_loss_sum(model, batch):
     return out.loss * int((batch["labels"][:, 1:] != -100).sum())
 
 
+def assert_every_gradient_equals_the_models_own(total, model, ref, batch):
+    """`total` (our summed loss of `model`) and its gradients = `ref`'s own forward."""
+    total.backward()
+    expected = own_loss_sum(ref, batch)
+    expected.backward()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    largest = max(float(q.grad.abs().max()) for q in ref.parameters())
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert_close_to_the_largest(p.grad, q.grad, largest, name=name)
+
+
 # untied plain, tied + softcap, untied divided, tied + scaled, tied with a padding row
 @pytest.mark.parametrize("family", ["llama", "gemma2", "granite", "cohere", "opt"])
 def test_every_gradient_of_a_model_equals_its_own_loss(family):
@@ -87,13 +98,7 @@ def test_every_gradient_of_a_model_equals_its_own_loss(family):
     batch = random_batches(1, vocab=96, batch=3, length=12)[0]
     total, _ = causal_lm_loss(model, batch, chunk_tokens=7)
     assert type(total.grad_fn).__name__ == "_LinearCrossEntropyBackward"  # the fused path
-    total.backward()
-    expected = own_loss_sum(ref, batch)
-    expected.backward()
-    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
-    largest = max(float(q.grad.abs().max()) for q in ref.parameters())
-    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        assert_close_to_the_largest(p.grad, q.grad, largest, name=name)
+    assert_every_gradient_equals_the_models_own(total, model, ref, batch)
 
 
 def test_a_head_that_is_not_a_plain_linear_keeps_the_checkpointed_path():
@@ -115,30 +120,98 @@ def test_loss_backward_holds_one_head_gradient_and_one_chunks_logits():
     checkpointed path (autograd summing per-chunk gradients; forced by making the head
     any other module) measured 437.5 MiB in this test; with the hidden states' gradient
     and chunks of 128 tokens it holds three head-sized gradients at once (187.5 MiB)."""
+    vocab, hidden, tokens, chunk = 32000, 512, 4096, 1024
+    # the head's gradient alone: the body (one layer) is frozen and adds nothing
+    beyond_weights = loss_backward_beyond_weights(tied=False, layers=1, chunk=chunk)
+    head_gradient, logits, head_input = vocab * hidden * 4, chunk * vocab * 4, tokens * hidden * 4
+    assert beyond_weights <= head_gradient + logits + head_input + MiB, beyond_weights / MiB
+
+
+def loss_backward_beyond_weights(tied: bool, layers: int, chunk: int) -> int:
+    """Peak bytes that `causal_lm_loss`'s backward allocates beyond the weights, counted
+    on fake tensors: a Llama of vocab 32000 x hidden 512 in fp32, 4096 label tokens. Only
+    the head's weight is trained (tied: it is the embedding too)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import LlamaConfig
 
     from lomotune.estimate.simulate import _NoValues, build_fake_model, step_tracker
 
-    vocab, hidden, tokens, chunk = 32000, 512, 4096, 1024
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=1024, num_hidden_layers=1,
-        num_attention_heads=8, tie_word_embeddings=False, use_cache=False,
+        vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
+        num_attention_heads=8, tie_word_embeddings=tied, use_cache=False,
     )  # fmt: skip
     with FakeTensorMode(), _NoValues():
         model = build_fake_model(config, torch.float32)
-        for p in model.parameters():  # the head's gradient alone: the body adds nothing
+        for p in model.parameters():
             p.requires_grad_(p is model.lm_head.weight)
-        ids = torch.randint(0, vocab, (4, tokens // 4 + 1))
+        ids = torch.randint(0, 32000, (4, 1025))
         batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
         total, n = causal_lm_loss(model, batch, chunk_tokens=chunk)
-        assert n == tokens
+        assert n == 4096
         tracker = step_tracker()
         tracker.track_external(model)
         with tracker:
             total.backward()
         peak = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
-    weights = sum(p.numel() for p in model.parameters()) * 4
-    head_gradient, logits, head_input = vocab * hidden * 4, chunk * vocab * 4, tokens * hidden * 4
-    beyond_weights = peak - weights
-    assert beyond_weights <= head_gradient + logits + head_input + MiB, beyond_weights / MiB
+    return peak - sum(p.numel() for p in model.parameters()) * 4
+
+
+def graph_nodes(tensor: torch.Tensor, weight: torch.Tensor | None = None) -> set[str]:
+    """Names of the backward nodes of `tensor`'s graph (only those that feed `weight`'s
+    gradient directly, when given)."""
+    seen, stack, names = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        feeds = [getattr(n, "variable", None) is weight for n, _ in node.next_functions]
+        if weight is None or any(feeds):
+            names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def batch_with_padding_tokens(pad_id: int) -> dict:
+    """Padded positions carry the padding token: F.embedding gives its row no gradient."""
+    batch = random_batches(1, vocab=96, batch=3, length=12)[0]
+    batch["input_ids"][batch["attention_mask"] == 0] = pad_id
+    return batch
+
+
+@pytest.mark.parametrize("family", ["tied-llama", "opt", "cohere"])
+def test_a_tied_embedding_adds_into_the_heads_gradient_and_every_gradient_is_right(family):
+    from lomotune.testing import tiny_llama
+
+    build = (lambda: tiny_llama(tie=True)) if family == "tied-llama" else lambda: tiny_model(family)
+    model, ref = build(), build()
+    embed = model.get_input_embeddings()
+    assert embed.weight is model.get_output_embeddings().weight and embed.padding_idx is not None
+    batch = batch_with_padding_tokens(embed.padding_idx)
+    total, _ = causal_lm_loss(model, batch, chunk_tokens=7)
+    # the weight's gradient comes from these two, the second adding into the first's
+    users = graph_nodes(total, embed.weight)
+    assert users == {"_LinearCrossEntropyBackward", "_TiedEmbeddingBackward"}
+    assert_every_gradient_equals_the_models_own(total, model, ref, batch)
+
+
+def test_a_scaled_embedding_is_left_to_its_own_module():
+    model = tiny_model("gemma2")  # tied, but its embedding multiplies by sqrt(hidden)
+    total, _ = causal_lm_loss(model, random_batches(1, vocab=96)[0], chunk_tokens=7)
+    users = graph_nodes(total, model.get_input_embeddings().weight)
+    assert users == {"_LinearCrossEntropyBackward", "EmbeddingBackward0"}
+
+
+def test_a_tied_weight_has_one_vocab_sized_gradient_through_backward():
+    """A tied vocab 32000 x hidden 512 fp32 weight (62.5 MiB) and no layers, 4096 label
+    tokens in chunks of 128: the loss backward and the embedding's backward are all there
+    is. Beyond the weights, the peak is one weight gradient + one chunk's logits (15.6 MiB)
+    + three (tokens x hidden) tensors (the head's input, its gradient, the embedding's
+    output gradient: 8 MiB each) + 1 MiB. Measured here: 102.5 MiB. Before the embedding
+    added into the head's gradient (autograd holding the head's gradient while the
+    embedding's backward made its own and summed them): 203.8 MiB, three weight-sized
+    tensors at the end of backward (also three on real CPU tensors)."""
+    vocab, hidden, tokens, chunk = 32000, 512, 4096, 128
+    beyond_weights = loss_backward_beyond_weights(tied=True, layers=0, chunk=chunk)
+    head_gradient, logits, token_states = vocab * hidden * 4, chunk * vocab * 4, tokens * hidden * 4
+    assert beyond_weights <= head_gradient + logits + 3 * token_states + MiB, beyond_weights / MiB

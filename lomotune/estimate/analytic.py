@@ -233,11 +233,9 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
             "layer_transient": recompute + layer_in + _backward_extra(shape, setup, a),
             "gradients": (grads_all - shape.embedding_params() * a) // shard,
         }
-        # a tied weight's second gradient (from the embedding) and their sum
-        phases["embedding backward"] = {
-            **base,
-            "gradients": (grads_all + (2 * head_grad if shape.tied else 0)) // shard,
-        }
+        # No phase for the embedding's backward: a tied weight's embedding rows are added
+        # into the head's gradient (linear_cross_entropy.TiedGradient), so it holds every
+        # gradient once, as the optimizer step does with more.
         phases["optimizer step"] = {
             **base,
             "gradients": grads_all // shard,
