@@ -9,8 +9,9 @@ one accumulated so far: up to three head-sized tensors alive at once, besides th
 chunk's logits, log-probabilities and their gradient. This function's backward recomputes
 each chunk's logits, turns them into d(loss)/d(logits) in place, and adds their product
 with the chunk's hidden states into one preallocated gradient (`addmm_`): at any moment
-one weight gradient, the hidden states' gradient and one chunk's logits are alive. The
-forward keeps no logits either (one chunk's at a time, log-sum-exp taken in place).
+one weight gradient, the hidden states' gradient and one chunk's logits (in fp32, and
+below fp32 also in the model's dtype) are alive. The forward keeps no logits either (one
+chunk's at a time, log-sum-exp taken in place).
 The same idea as Liger-Kernel's and Apple's cut-cross-entropy fused linear
 cross-entropy, written for CPU and any device with plain torch ops; the gradient is
 formed in backward (not in forward, as Liger does) so that a loss scale applied to the
