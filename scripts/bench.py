@@ -178,6 +178,9 @@ def worker(args: argparse.Namespace) -> dict:
     elif method in ("lomo-ref", "adalomo-ref"):
         from lomo_optim import AdaLomo, Lomo
 
+        if method == "adalomo-ref" and not torch.cuda.is_available():
+            raise SystemExit("lomo_optim.AdaLomo 0.1.1 creates its state with .cuda(): GPU only")
+
         opt = (Lomo if method == "lomo-ref" else AdaLomo)(model, lr=lr)
         tracked.append(opt)
 

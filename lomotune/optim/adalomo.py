@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 import torch
 
-from lomotune.optim.slices import SlicedUpdate, squares_fp64
+from lomotune.optim.slices import SlicedUpdate, must_gate, squares_fp64
 
 
 class AdaLomoRule:
@@ -101,11 +101,13 @@ class AdaLomoRule:
         clip = (update_rms / self.clip_threshold).clamp_(min=1.0)
         # Tensors, not Python floats: no device sync inside backward. Gated by `ok`.
         lr_t = param_rms.clamp_(min=self.eps[1]).mul_(lr).mul_(ok)
+        gate = must_gate(ok)
         for rows, param, grad in update.update():
             u = scale_of(rows).mul_(grad).div_(clip)  # U_t, RMS-clipped
             if self.weight_decay:
                 param.mul_(1.0 - lr_t * self.weight_decay)
-            u.masked_fill_(~ok, 0.0)  # NaN-safe: a gated step subtracts exactly zero
+            if gate:  # NaN-safe: a gated step subtracts exactly zero
+                u.masked_fill_(~ok, 0.0)
             param.sub_(u.mul_(lr_t))
 
 

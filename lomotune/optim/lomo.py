@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lomotune.optim.slices import SlicedUpdate
+from lomotune.optim.slices import SlicedUpdate, must_gate
 
 
 class LomoRule:
@@ -19,9 +19,10 @@ class LomoRule:
 
     def apply(self, update: SlicedUpdate, state, lr: float, step: int, ok: torch.Tensor) -> None:
         # Elementwise: one pass over the slices.
+        gate = must_gate(ok)
         for _, param, grad in update.update():
             if self.weight_decay:
                 grad.add_(param, alpha=self.weight_decay)  # coupled, as torch.optim.SGD
-            # A gated update adds exactly zero (masked_fill replaces NaN too; no sync).
-            grad.masked_fill_(~ok, 0.0)
+            if gate:  # a gated update adds exactly zero (masked_fill replaces NaN too)
+                grad.masked_fill_(~ok, 0.0)
             param.add_(grad, alpha=-lr)

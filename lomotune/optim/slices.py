@@ -79,6 +79,14 @@ def all_finite(t: torch.Tensor, budget: int = DEFAULT_SLICE_BYTES) -> torch.Tens
     return total.isfinite()
 
 
+def must_gate(ok: torch.Tensor) -> bool:
+    """Whether an update must be masked by the step's flag `ok`. On a CPU the flag is read
+    for free (there is no device to wait for), so a good step, the usual case, skips the
+    masking pass over every slice; on a GPU reading it would stall backward (a sync), so
+    the mask is always applied there."""
+    return ok.device.type != "cpu" or not bool(ok)
+
+
 class SlicedUpdate:
     """The complete gradient of one parameter (this rank's shard), handed to an update
     rule in row slices of fp32, scaled by `factor` (loss unscale x clip coefficient).
