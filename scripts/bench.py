@@ -105,6 +105,11 @@ MiB = 1024**2
 # One method, in its own process
 
 
+def lomotune_method(method: str) -> str:
+    """The lomotune method a bench row varies (lomo-nosr, adamw-amp, lomo-ref: lomo...)."""
+    return method.removesuffix("-ref").removesuffix("-nosr").removesuffix("-amp")
+
+
 def worker(args: argparse.Namespace) -> dict:
     import resource
 
@@ -197,7 +202,7 @@ def worker(args: argparse.Namespace) -> dict:
         recipe = Recipe(
             model=cfg,
             optimizer=OptimizerConfig(
-                name=method.removesuffix("-nosr").removesuffix("-amp"),
+                name=lomotune_method(method),
                 lr=lr,
                 lora=LoraConfig() if method == "qlora-sgd" else None,
                 stochastic_rounding=not method.endswith("-nosr"),
@@ -369,7 +374,7 @@ def budget_batches(methods: list[str], precision: str, args: argparse.Namespace)
     for method in methods:
         if method == "no_grad":
             continue  # not a training method: the estimator has no row for it
-        base = method.removesuffix("-ref").removesuffix("-nosr").removesuffix("-amp")
+        base = lomotune_method(method)
         amp = method == "adamw-amp"
         setup = Setup(base, 1, args.seq, precision="fp32" if amp else precision,
                       loss_chunk_tokens=args.loss_chunk, mixed_precision=amp)  # fmt: skip

@@ -184,8 +184,9 @@ def _full_statistics(
     u2 = torch.zeros((), dtype=torch.float64, device=v.device)
     param_sq = torch.zeros_like(u2)
     for rows, param, grad in update.read():
-        flat_new[rows] = flat_v[rows].mul(beta).add_(grad.square().add_(eps1), alpha=1 - beta)
-        u2 += grad.square().div_(flat_new[rows]).sum(dtype=torch.float64)
+        g2 = grad.square()
+        flat_new[rows] = flat_v[rows].mul(beta).add_(g2 + eps1, alpha=1 - beta)
+        u2 += g2.div_(flat_new[rows]).sum(dtype=torch.float64)
         param_sq += squares_fp64(param).sum()
     numel = torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)
     (u2, param_sq, numel), ok = combine(u2, param_sq, numel)
