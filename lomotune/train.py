@@ -52,6 +52,7 @@ from lomotune.models import (
 )
 from lomotune.monitor import MemoryMeter, Throughput, format_bytes
 from lomotune.optim import build_engine
+from lomotune.optim.rounding import fused_rounding_available
 from lomotune.optim.schedule import lr_at
 from lomotune.precision import resolve_precision
 from lomotune.recipe import METHOD_DEFAULTS, LoraConfig, Recipe, RecipeError, recipe_to_yaml
@@ -360,7 +361,7 @@ def setup(
         )
     except EstimateError as e:
         predicted_note = f"no memory estimate: {e}"
-    warnings = method_warnings(recipe)
+    warnings = method_warnings(recipe, device)
     if checkpoint is not None:  # into the model as sharded here, whatever wrote it
         saved_method = read_training_state(checkpoint)[0].recipe.get("optimizer", {}).get("name")
         state = restore_checkpoint(
@@ -442,7 +443,7 @@ def auto_batch_size(
         ) from None
 
 
-def method_warnings(recipe: Recipe) -> list[str]:
+def method_warnings(recipe: Recipe, device: torch.device) -> list[str]:
     """Settings that run, but probably not as the user hopes."""
     opt = recipe.optimizer
     defaults = METHOD_DEFAULTS[opt.name]
@@ -464,6 +465,14 @@ def method_warnings(recipe: Recipe) -> list[str]:
             f"optimizer.lr {opt.lr:g} on bf16 weights without stochastic rounding: most "
             "updates are smaller than bf16's spacing and are lost. Use "
             "optimizer.stochastic_rounding: true (lomo), a larger lr, or model.precision: fp32"
+        )
+    rounds = opt.name in ("lomo", "adalomo") and opt.stochastic_rounding
+    on_gpu = recipe.model.precision == "bf16" and device.type != "cpu"
+    if rounds and on_gpu and not fused_rounding_available(device):
+        out.append(
+            "stochastic rounding runs as separate eager ops on this GPU (about 8 passes "
+            "over each update instead of one): Triton, torch.compile's GPU backend, is "
+            "not installed. `pip install triton` for the one-pass kernel"
         )
     return out
 

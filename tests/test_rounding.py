@@ -3,12 +3,23 @@ two bf16 neighbours with the probabilities that make it unbiased; NaN, inf, the 
 zero and subnormals come through; nothing finite becomes inf. The reference here works
 on the bit patterns with Python integers, independently of the tensor code."""
 
+import re
+import shutil
 import struct
+import threading
 
 import pytest
 import torch
 
-from lomotune.optim.rounding import noise16, stochastic_round_to_bf16
+from lomotune.optim.rounding import (
+    as_int64,
+    compiled_rounding,
+    noise16,
+    noise16_at,
+    round_elementwise_into,
+    stochastic_round_into,
+    stochastic_round_to_bf16,
+)
 
 BF16_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7F0000))[0]
 
@@ -122,3 +133,92 @@ def test_noise_is_uniform_over_16_bits():
     assert abs(float(noise.mean()) - 32767.5) < 5 * 18918 / 512  # 5 standard errors
     counts = torch.bincount(noise16(3, 0, 1 << 18) >> 12, minlength=16).float()
     assert float(((counts - 16384) ** 2 / 16384).sum()) < 45  # chi-square, 15 dof
+
+
+@pytest.mark.parametrize("key", [0, 12345, 2**63 + 7, 2**64 - 1])
+def test_per_element_noise_is_the_counter_hash_noise(key):
+    # The GPU kernel hashes each element's own index; it must draw what noise16 draws.
+    start, n = 4 * 977 + 1, 4099
+    index = torch.arange(start, start + n)
+    assert torch.equal(noise16_at(as_int64(key), index), noise16(key, start, n))
+
+
+def special_and_random_values() -> torch.Tensor:
+    special = f32_tensor(
+        [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FC00000, 0x7F80FFFF, 0x7F800000, 0xFF800000,
+         0x00000000, 0x80000000, 0x00008001, 0x80127FFF, 0x7F7EF000, 0x7F7F0000, 0x7F7FFFFF,
+         0xFF7FFFFF, 0x3F801234, 0xBF80C000]
+    )  # fmt: skip
+    randoms = torch.randn(64, 101, generator=torch.Generator().manual_seed(5)) * 1e-2
+    return torch.cat([special, randoms.view(-1)])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def reference_rounding(x: torch.Tensor, key: int, start: int) -> torch.Tensor:
+    """The rounding written from its definition with Python integers: NaN stays a NaN,
+    beyond bf16's range truncates, everything else adds the element's noise to the
+    low 16 bits and truncates."""
+    noise = [
+        (splitmix64(key + (k // 4) * 0x9E3779B97F4A7C15) >> (16 * (k % 4))) & 0xFFFF
+        for k in range(start, start + x.numel())
+    ]
+    out = []
+    for bits, r in zip(x.reshape(-1).view(torch.int32).tolist(), noise, strict=True):
+        bits &= 0xFFFFFFFF
+        value = bits_to_f32(bits)
+        if value != value:
+            out.append(0x7FC0)
+        elif abs(value) > BF16_MAX:
+            out.append(bits >> 16)
+        else:
+            out.append(((bits + r) & 0xFFFFFFFF) >> 16)
+    signed = [b - 0x10000 if b >= 0x8000 else b for b in out]
+    return torch.tensor(signed, dtype=torch.int16).view(torch.bfloat16).view(x.shape)
+
+
+def rounded_by(round_into, x: torch.Tensor, key: int, start: int) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    round_into(out, x.clone(), key, start)
+    return out
+
+
+@pytest.mark.parametrize("key, start", [(3, 0), (2**64 - 1, 4 * 1000 + 3)])
+def test_elementwise_rounding_gives_the_bits_of_the_definition(key, start):
+    x = special_and_random_values()
+    expected = reference_rounding(x, key, start)
+    eager = rounded_by(stochastic_round_into, x, key, start)
+    elementwise = rounded_by(round_elementwise_into, x, as_int64(key), start)
+    nan = expected.isnan()
+    # every NaN stays a NaN (its payload aside); every other value has the reference's bits
+    assert bool(eager[nan].isnan().all()) and bool(elementwise[nan].isnan().all())
+    assert same_bits(eager[~nan], expected[~nan])
+    assert same_bits(elementwise[~nan], expected[~nan])
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler"
+)
+def test_compiled_rounding_is_one_kernel_with_the_same_bits():
+    # What a GPU runs is this function compiled; on a CPU inductor compiles it to C++.
+    # Two shapes, keys and starts: one compiled graph serves every slice and step.
+    from torch._inductor.utils import run_and_get_code
+
+    x = special_and_random_values()
+    compiled = compiled_rounding()
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    _, code = run_and_get_code(compiled, out, x, as_int64(2**64 - 1), 4003)
+    nan = x.isnan()
+    expected = reference_rounding(x, 2**64 - 1, 4003)
+    assert bool(out[nan].isnan().all()) and same_bits(out[~nan], expected[~nan])
+    # On a GPU the hooks run on autograd's device thread, not the main one.
+    y = torch.randn(33, 7)
+    out2 = torch.empty(y.shape, dtype=torch.bfloat16)
+    worker = threading.Thread(target=compiled, args=(out2, y, 11, 0))
+    worker.start()
+    worker.join()
+    assert same_bits(out2, reference_rounding(y, 11, 0))
+    # one loop over the elements: index, hash, masks, add and the bf16 store fused
+    assert len(set(re.findall(r"cpp_fused\w+", "\n".join(code)))) == 1

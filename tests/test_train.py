@@ -174,3 +174,21 @@ def test_mezo_on_lora_adapters_only(tmp_path):
         "mezo: 4,096 of 26,048 parameters" in result.output
     )  # r * (in + out of 7 linears) * 2 blocks
     assert (out / "model" / "adapter_model.safetensors").exists()
+
+
+def test_bf16_rounding_on_a_gpu_without_triton_says_it_runs_unfused(monkeypatch):
+    import lomotune.train as train_module
+    from lomotune.recipe import ModelConfig, OptimizerConfig, Recipe, TrainingConfig
+
+    recipe = Recipe(
+        model=ModelConfig(precision="bf16"),
+        optimizer=OptimizerConfig(name="lomo", lr=1e-2),
+        training=TrainingConfig(max_steps=1),
+    )
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(train_module, "fused_rounding_available", lambda device: False)
+    (warning,) = train_module.method_warnings(recipe, gpu)
+    assert "Triton" in warning and "pip install triton" in warning
+    assert train_module.method_warnings(recipe, torch.device("cpu")) == []
+    monkeypatch.setattr(train_module, "fused_rounding_available", lambda device: True)
+    assert train_module.method_warnings(recipe, gpu) == []

@@ -11,9 +11,18 @@ splitmix64(key + (k // 4) * golden). So a tensor updated in row slices draws exa
 noise it would draw whole, a shard draws what the same rows draw unsharded, and one
 64-bit hash serves four elements (measured on this CPU for the 28M-element SmolLM2
 embedding: about 4x cheaper than drawing int64 words from the CPU generator).
+
+On a CPU the rounding runs as eager torch ops (one hash per 4 elements). Elsewhere (a
+GPU) the same noise and the same bits come from one elementwise function, compiled by
+torch.compile into a single kernel: it reads x once and writes out once, hashing each
+element's own index (the hash is free beside the memory traffic there), with the masks
+for NaN and range folded in. Both paths give the same bits for the same (key, index).
 """
 
 from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
 
 import torch
 
@@ -24,6 +33,11 @@ _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MUL1 = 0xBF58476D1CE4E5B9
 _MUL2 = 0x94D049BB133111EB
+
+
+def as_int64(v: int) -> int:
+    """v modulo 2^64 as torch's signed int64 holds it."""
+    return _signed(v)
 
 
 def _signed(v: int) -> int:
@@ -51,10 +65,53 @@ def noise16(key: int, start: int, n: int, device: torch.device | str = "cpu") ->
     return lanes.to(torch.int32).bitwise_and_(0xFFFF)
 
 
+def noise16_at(key: int, index: torch.Tensor) -> torch.Tensor:
+    """The noise of the elements at `index` (int64) of stream `key`, as noise16 gives it,
+    computed per element (one hash each): an elementwise function of the index, so that
+    it fuses with the rounding into one kernel. `key` as a signed int64 (`as_int64`):
+    compiled, it is a symbolic integer that must stay within int64."""
+    z = (index >> 2) * _signed(_GOLDEN) + key
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _signed(_MUL1)
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _signed(_MUL2)
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    return ((z >> ((index & 3) * 16)) & 0xFFFF).to(torch.int32)
+
+
+def round_elementwise_into(out: torch.Tensor, x: torch.Tensor, key: int, start: int) -> None:
+    """stochastic_round_into's result as one elementwise expression of x and the element
+    index (x is left unchanged; `key` as_int64): what torch.compile fuses into one pass
+    on a GPU."""
+    index = torch.arange(start, start + x.numel(), device=x.device).view(x.shape)
+    x = torch.where(x.isnan(), float("nan"), x)  # the canonical NaN (see below)
+    in_range = (x <= BF16_MAX) & (x >= -BF16_MAX)
+    noise = torch.where(in_range, noise16_at(key, index), 0)
+    bits = (x.view(torch.int32) + noise) & -65536
+    out.copy_(bits.view(torch.float32))
+
+
+_compiled: Callable[..., None] | None = None
+
+
+def compiled_rounding() -> Callable[..., None]:
+    """round_elementwise_into compiled once per process: dynamic shapes, key and start,
+    so that every slice and every step reuse one kernel."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(round_elementwise_into, dynamic=True, fullgraph=True)
+    return _compiled
+
+
+def fused_rounding_available(device: torch.device) -> bool:
+    """Whether the rounding on `device` runs as one compiled kernel: on a GPU, when
+    Triton (torch.compile's GPU backend, shipped with torch's CUDA and ROCm wheels) is
+    installed. A CPU always takes the eager path."""
+    return device.type != "cpu" and importlib.util.find_spec("triton") is not None
+
+
 def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, key: int, start: int = 0) -> None:
     """out (bf16) <- x (fp32) rounded up or down with probabilities that make the
     expectation exactly x; the noise is elements start .. of stream `key` (see noise16).
-    x is used as scratch: its values are lost.
+    x may be used as scratch: its values may be lost.
 
     Exact and unbiased for every finite value up to bf16's largest (the sign of zero and
     subnormals included); a value already representable in bf16 comes back unchanged
@@ -63,6 +120,9 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, key: int, start: i
     becomes the largest, never an inf."""
     assert x.dtype == torch.float32 and out.dtype == torch.bfloat16, (x.dtype, out.dtype)
     assert x.is_contiguous(), "x is rounded in place through its bits"
+    if fused_rounding_available(x.device):
+        compiled_rounding()(out, x, as_int64(key), start)
+        return
     noise = noise16(key, start, x.numel(), x.device).view(x.shape)
     if _may_hold_special_values(x):
         # A NaN whose payload lies in the low 16 bits alone would truncate to inf, and
