@@ -172,6 +172,7 @@ def worker(args: argparse.Namespace) -> dict:
             return causal_lm_loss(model, b, chunk)
 
     lr = args.lr
+    update_clock = UpdateClock()
     tracked: list = []  # state created before the tensor count that it must include
     if method == "no_grad":
 
@@ -215,6 +216,12 @@ def worker(args: argparse.Namespace) -> dict:
         for st in getattr(engine, "states", []):
             tracked += list(st.values())
 
+        # The time spent in the update itself: the fused hooks, or optimizer.step.
+        if hasattr(engine, "optimizer"):
+            engine.optimizer.step = update_clock.timed(engine.optimizer.step)
+        elif hasattr(engine, "_update"):
+            engine._update = update_clock.timed(engine._update)
+
         def step() -> float:
             return engine.step([batch], lr).loss
 
@@ -230,12 +237,14 @@ def worker(args: argparse.Namespace) -> dict:
     gc.collect()
     rss_after_warmup = meter.sample()
     meter.reset_peak()
-    times, cpu_times = [], []
+    times, cpu_times, update_times = [], [], []
     for _ in range(args.steps):
         t, c = time.perf_counter(), time.process_time()
+        update_clock.seconds = 0.0
         losses.append(step())
         times.append(time.perf_counter() - t)
         cpu_times.append(time.process_time() - c)
+        update_times.append(update_clock.seconds if update_clock.used else None)
     peak = meter.peak_bytes()
     meter.stop()
     median = statistics.median(times)
@@ -263,10 +272,30 @@ def worker(args: argparse.Namespace) -> dict:
         "min_step_s": min(times),
         "tensors": tensors,
         "median_step_s": median,
+        "median_update_s": statistics.median(update_times) if update_clock.used else None,
         "tokens_per_s": tokens / median,
         "losses": losses,
         "threads": torch.get_num_threads(),
     }
+
+
+class UpdateClock:
+    """Adds up the wall time of the calls it wraps (a CPU runs them synchronously)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.used = False
+
+    def timed(self, fn):
+        def wrapper(*a, **k):
+            self.used = True
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t
+
+        return wrapper
 
 
 def count_tensor_bytes(step, model, tracked: list, batch: dict) -> dict:
@@ -390,6 +419,11 @@ def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f}"
 
 
+def update_s(r: dict) -> str:
+    u = r.get("median_update_s")
+    return "-" if u is None else f"{u:.3f}"
+
+
 def ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0:
         return "-"
@@ -424,13 +458,13 @@ def tables(results: list[dict]) -> str:
         lines.append(
             "| method | RSS loaded | peak RSS in steps | RSS beyond loaded | ru_maxrss "
             "| tensor peak (MemTracker) | tensors beyond weights "
-            "| median (min) step s | CPU s/step | tokens/s | loss first -> last |"
+            "| median (min) step s | update s/step | CPU s/step | tokens/s | loss first -> last |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             if "error" in r:
                 first = r["error"].strip().splitlines()[-1][:160]
-                lines.append(f"| {r['method']} | failed: {first} |" + " |" * 9)
+                lines.append(f"| {r['method']} | failed: {first} |" + " |" * 10)
                 continue
             total, beyond = tensor_total(r), tensor_beyond(r)
             lines.append(
@@ -438,15 +472,19 @@ def tables(results: list[dict]) -> str:
                 f"| {gib(rss_beyond(r))} | {gib(r['ru_maxrss'])} "
                 f"| {gib(total) if total is not None else '-'} "
                 f"| {gib(beyond) if beyond is not None else '-'} "
-                f"| {r['median_step_s']:.2f} ({r['min_step_s']:.2f}) | {r['median_cpu_s']:.1f} "
+                f"| {r['median_step_s']:.2f} ({r['min_step_s']:.2f}) | {update_s(r)} "
+                f"| {r['median_cpu_s']:.1f} "
                 f"| {r['tokens_per_s']:.0f} | {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} |"
             )
-        lines.append("\n(memory in GiB; tokens/s = tokens per step / median step time)\n")
+        lines.append(
+            "\n(memory in GiB; tokens/s = tokens per step / median step time; update s/step: "
+            "the time in the fused hooks' updates or in optimizer.step, median)\n"
+        )
         lines.append(
             "| method | vs | peak RSS | RSS beyond loaded | tensor peak | tensors beyond weights "
-            "| tokens/s | CPU s/step |"
+            "| tokens/s | CPU s/step | update s/step |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for base_name in ("adamw", "no_grad", "mezo"):
             base = ref.get(base_name)
             if base is None:
@@ -459,7 +497,8 @@ def tables(results: list[dict]) -> str:
                     f"| {ratio(tensor_total(r), tensor_total(base))} "
                     f"| {ratio(tensor_beyond(r), tensor_beyond(base))} "
                     f"| {ratio(r['tokens_per_s'], base['tokens_per_s'])} "
-                    f"| {ratio(r['median_cpu_s'], base['median_cpu_s'])} |"
+                    f"| {ratio(r['median_cpu_s'], base['median_cpu_s'])} "
+                    f"| {ratio(r.get('median_update_s'), base.get('median_update_s'))} |"
                 )
     return "\n".join(lines)
 
