@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from lomotune.optim import rounding
 from lomotune.optim.rounding import (
     as_int64,
     compiled_rounding,
@@ -21,6 +22,10 @@ from lomotune.optim.rounding import (
     stochastic_round_to_bf16,
 )
 
+# What a GPU runs is compiled; on a CPU inductor compiles the same function to C++.
+needs_a_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler"
+)
 BF16_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7F0000))[0]
 
 
@@ -198,9 +203,7 @@ def test_elementwise_rounding_gives_the_bits_of_the_definition(key, start):
     assert same_bits(elementwise[~nan], expected[~nan])
 
 
-@pytest.mark.skipif(
-    shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler"
-)
+@needs_a_compiler
 def test_compiled_rounding_is_one_kernel_with_the_same_bits():
     # What a GPU runs is this function compiled; on a CPU inductor compiles it to C++.
     # Two shapes, keys and starts: one compiled graph serves every slice and step.
@@ -224,3 +227,20 @@ def test_compiled_rounding_is_one_kernel_with_the_same_bits():
     assert not bool(param[:5].any()) and not bool(param[38:].any())
     # one loop over the elements: index, hash, masks, add and the bf16 store fused
     assert len(set(re.findall(r"cpp_fused\w+", "\n".join(code)))) == 1
+
+
+@needs_a_compiler
+def test_the_gpu_path_serves_every_shape_with_one_compiled_graph(monkeypatch):
+    # stochastic_round_into as a GPU runs it (the compiled kernel), here on the CPU: a
+    # matrix, a vector and a stack of matrices, each the bits of the definition, and
+    # no recompilation per shape (start 0 and start > 0 may be two graphs).
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(rounding, "fused_rounding_available", lambda device: True)
+    counters.clear()
+    for shape, start in [((7, 5), 3), ((40,), 0), ((2, 3, 4), 8), ((9, 6), 100)]:
+        x = torch.randn(shape) * 1e-3
+        out = torch.empty(shape, dtype=torch.bfloat16)
+        stochastic_round_into(out, x.clone(), 21, start)
+        assert same_bits(out, reference_rounding(x, 21, start)), shape
+    assert counters["stats"]["unique_graphs"] <= 2

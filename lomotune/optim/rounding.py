@@ -121,6 +121,9 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, key: int, start: i
     assert x.dtype == torch.float32 and out.dtype == torch.bfloat16, (x.dtype, out.dtype)
     assert x.is_contiguous(), "x is rounded in place through its bits"
     if fused_rounding_available(x.device):
+        # One dimension whatever the tensor's, so that one compiled graph serves them all.
+        if out.is_contiguous():
+            out, x = out.view(-1), x.view(-1)
         compiled_rounding()(out, x, as_int64(key), start)
         return
     noise = noise16(key, start, x.numel(), x.device).view(x.shape)
