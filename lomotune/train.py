@@ -51,8 +51,7 @@ from lomotune.models import (
     loss_note,
 )
 from lomotune.monitor import MemoryMeter, Throughput, format_bytes
-from lomotune.optim import build_engine
-from lomotune.optim.rounding import fused_rounding_available
+from lomotune.optim import build_engine, kernels
 from lomotune.optim.schedule import lr_at
 from lomotune.precision import resolve_precision
 from lomotune.recipe import METHOD_DEFAULTS, LoraConfig, Recipe, RecipeError, recipe_to_yaml
@@ -468,11 +467,11 @@ def method_warnings(recipe: Recipe, device: torch.device) -> list[str]:
         )
     rounds = opt.name in ("lomo", "adalomo") and opt.stochastic_rounding
     on_gpu = recipe.model.precision == "bf16" and device.type != "cpu"
-    if rounds and on_gpu and not fused_rounding_available(device):
+    if rounds and on_gpu and not kernels.available(device):
         out.append(
-            "stochastic rounding runs as separate eager ops on this GPU (about 8 passes "
-            "over each update instead of one): Triton, torch.compile's GPU backend, is "
-            "not installed. `pip install triton` for the one-pass kernel"
+            "the fused update and its stochastic rounding run as separate eager ops on "
+            "this GPU (some 25 passes over memory instead of one): Triton, torch.compile's "
+            "GPU backend, is not installed. `pip install triton` for the one-pass kernel"
         )
     return out
 

@@ -11,10 +11,9 @@ import threading
 import pytest
 import torch
 
-from lomotune.optim import rounding
+from lomotune.optim import kernels
 from lomotune.optim.rounding import (
     as_int64,
-    compiled_rounding,
     noise16,
     noise16_at,
     round_elementwise_into,
@@ -210,7 +209,7 @@ def test_compiled_rounding_is_one_kernel_with_the_same_bits():
     from torch._inductor.utils import run_and_get_code
 
     x = special_and_random_values()
-    compiled = compiled_rounding()
+    compiled = kernels.compiled(round_elementwise_into)
     out = torch.empty(x.shape, dtype=torch.bfloat16)
     _, code = run_and_get_code(compiled, out, x, as_int64(2**64 - 1), 4003)
     nan = x.isnan()
@@ -236,7 +235,7 @@ def test_the_gpu_path_serves_every_shape_with_one_compiled_graph(monkeypatch):
     # no recompilation per shape (start 0 and start > 0 may be two graphs).
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(rounding, "fused_rounding_available", lambda device: True)
+    monkeypatch.setattr(kernels, "available", lambda device: True)
     counters.clear()
     for shape, start in [((7, 5), 3), ((40,), 0), ((2, 3, 4), 8), ((9, 6), 100)]:
         x = torch.randn(shape) * 1e-3

@@ -178,6 +178,7 @@ def test_mezo_on_lora_adapters_only(tmp_path):
 
 def test_bf16_rounding_on_a_gpu_without_triton_says_it_runs_unfused(monkeypatch):
     import lomotune.train as train_module
+    from lomotune.optim import kernels
     from lomotune.recipe import ModelConfig, OptimizerConfig, Recipe, TrainingConfig
 
     recipe = Recipe(
@@ -186,9 +187,9 @@ def test_bf16_rounding_on_a_gpu_without_triton_says_it_runs_unfused(monkeypatch)
         training=TrainingConfig(max_steps=1),
     )
     gpu = torch.device("cuda")
-    monkeypatch.setattr(train_module, "fused_rounding_available", lambda device: False)
+    monkeypatch.setattr(kernels, "available", lambda device: False)
     (warning,) = train_module.method_warnings(recipe, gpu)
     assert "Triton" in warning and "pip install triton" in warning
     assert train_module.method_warnings(recipe, torch.device("cpu")) == []
-    monkeypatch.setattr(train_module, "fused_rounding_available", lambda device: True)
+    monkeypatch.setattr(kernels, "available", lambda device: True)
     assert train_module.method_warnings(recipe, gpu) == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lomotune.optim import kernels
+from lomotune.optim.rounding import as_int64, rounded_elementwise
 from lomotune.optim.slices import SlicedUpdate, must_gate
 
 
@@ -18,6 +20,14 @@ class LomoRule:
         return {}  # SGD keeps nothing between steps
 
     def apply(self, update: SlicedUpdate, state, lr: float, step: int, ok: torch.Tensor) -> None:
+        if kernels.available(update.param.device) and update.param.is_contiguous():
+            # The whole tensor in one kernel: nothing to slice, no temporaries.
+            key = None if update.round_key is None else as_int64(update.round_key)
+            kernels.compiled(lomo_update_elementwise_)(
+                update.param.view(-1), update.grad.reshape(-1), update.factor,
+                lr, self.weight_decay, ok, key, update.start,
+            )  # fmt: skip
+            return
         # Elementwise: one pass over the slices.
         gate = must_gate(ok)
         for _, param, grad in update.update():
@@ -26,3 +36,28 @@ class LomoRule:
             if gate:  # a gated update adds exactly zero (masked_fill replaces NaN too)
                 grad.masked_fill_(~ok, 0.0)
             param.add_(grad, alpha=-lr)
+
+
+def lomo_update_elementwise_(
+    param: torch.Tensor,  # flat, fp32 or bf16: updated in place
+    grad: torch.Tensor,  # flat, the parameter's complete gradient
+    factor: float | torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    ok: torch.Tensor,
+    round_key: int | None,  # as_int64; None: round to nearest (fp32: exact)
+    start: int,
+) -> None:
+    """LomoRule's update of a whole tensor as one elementwise expression, for
+    torch.compile only: the same operations in the same order as the sliced eager path,
+    whose `add_(x, alpha=a)` rounds once (a fused multiply-add on the CPU's vector units
+    and on a GPU); `prims.fma` says so to the compiler (run eagerly it would not)."""
+    p = param.float()
+    g = grad.float() * factor
+    if weight_decay:
+        g = torch.ops.prims.fma(p, weight_decay, g)
+    g = torch.where(ok, g, 0.0)
+    new = torch.ops.prims.fma(g, -lr, p)
+    if round_key is not None and param.dtype == torch.bfloat16:
+        new = rounded_elementwise(new, round_key, start)
+    param.copy_(new)

@@ -12,19 +12,17 @@ noise it would draw whole, a shard draws what the same rows draw unsharded, and 
 64-bit hash serves four elements (measured on this CPU for the 28M-element SmolLM2
 embedding: about 4x cheaper than drawing int64 words from the CPU generator).
 
-On a CPU the rounding runs as eager torch ops (one hash per 4 elements). Elsewhere (a
-GPU) the same noise and the same bits come from one elementwise function, compiled by
-torch.compile into a single kernel: it reads x once and writes out once, hashing each
-element's own index (the hash is free beside the memory traffic there), with the masks
-for NaN and range folded in. Both paths give the same bits for the same (key, index).
+On a CPU the rounding runs as eager torch ops (one hash per 4 elements). On a GPU the
+same noise and the same bits come from one elementwise function (`rounded_elementwise`,
+compiled: see kernels.py): each element hashes its own index (the hash is free beside
+the memory traffic there), with the masks for NaN and range folded in.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable
-
 import torch
+
+from lomotune.optim import kernels
 
 BF16_MAX = 3.3895313892515355e38  # the largest finite bf16 (bits 0x7F7F)
 _MASK64 = (1 << 64) - 1
@@ -77,35 +75,20 @@ def noise16_at(key: int, index: torch.Tensor) -> torch.Tensor:
     return ((z >> ((index & 3) * 16)) & 0xFFFF).to(torch.int32)
 
 
-def round_elementwise_into(out: torch.Tensor, x: torch.Tensor, key: int, start: int) -> None:
-    """stochastic_round_into's result as one elementwise expression of x and the element
-    index (x is left unchanged; `key` as_int64): what torch.compile fuses into one pass
-    on a GPU."""
+def rounded_elementwise(x: torch.Tensor, key: int, start: int) -> torch.Tensor:
+    """stochastic_round_into's result as one elementwise expression of x (fp32) and the
+    element index, in fp32 (each value exactly a bf16; x is left unchanged; `key`
+    as_int64): what torch.compile fuses into one pass on a GPU."""
     index = torch.arange(start, start + x.numel(), device=x.device).view(x.shape)
     x = torch.where(x.isnan(), float("nan"), x)  # the canonical NaN (see below)
     in_range = (x <= BF16_MAX) & (x >= -BF16_MAX)
     noise = torch.where(in_range, noise16_at(key, index), 0)
     bits = (x.view(torch.int32) + noise) & -65536
-    out.copy_(bits.view(torch.float32))
+    return bits.view(torch.float32)
 
 
-_compiled: Callable[..., None] | None = None
-
-
-def compiled_rounding() -> Callable[..., None]:
-    """round_elementwise_into compiled once per process: dynamic shapes, key and start,
-    so that every slice and every step reuse one kernel."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(round_elementwise_into, dynamic=True, fullgraph=True)
-    return _compiled
-
-
-def fused_rounding_available(device: torch.device) -> bool:
-    """Whether the rounding on `device` runs as one compiled kernel: on a GPU, when
-    Triton (torch.compile's GPU backend, shipped with torch's CUDA and ROCm wheels) is
-    installed. A CPU always takes the eager path."""
-    return device.type != "cpu" and importlib.util.find_spec("triton") is not None
+def round_elementwise_into(out: torch.Tensor, x: torch.Tensor, key: int, start: int) -> None:
+    out.copy_(rounded_elementwise(x, key, start))
 
 
 def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, key: int, start: int = 0) -> None:
@@ -120,11 +103,11 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, key: int, start: i
     becomes the largest, never an inf."""
     assert x.dtype == torch.float32 and out.dtype == torch.bfloat16, (x.dtype, out.dtype)
     assert x.is_contiguous(), "x is rounded in place through its bits"
-    if fused_rounding_available(x.device):
+    if kernels.available(x.device):
         # One dimension whatever the tensor's, so that one compiled graph serves them all.
         if out.is_contiguous():
             out, x = out.view(-1), x.view(-1)
-        compiled_rounding()(out, x, as_int64(key), start)
+        kernels.compiled(round_elementwise_into)(out, x, as_int64(key), start)
         return
     noise = noise16(key, start, x.numel(), x.device).view(x.shape)
     if _may_hold_special_values(x):

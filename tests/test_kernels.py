@@ -1,0 +1,75 @@
+"""The fused update compiled into one kernel (what a GPU runs), here compiled by inductor
+on the CPU: the same weights as the eager sliced path, step for step."""
+
+import copy
+import re
+import shutil
+
+import pytest
+import torch
+
+from lomotune.models import causal_lm_loss
+from lomotune.optim import kernels
+from lomotune.optim.engine import FusedEngine
+from lomotune.optim.lomo import LomoRule, lomo_update_elementwise_
+from lomotune.recipe import ClipConfig
+from lomotune.testing import random_batches, tiny_llama
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler"
+)
+
+
+def train(model, compiled: bool, monkeypatch, *, weight_decay=0.0, clip=None, rounding=True):
+    monkeypatch.setattr(kernels, "available", lambda device: compiled)
+    engine = FusedEngine(
+        model,
+        LomoRule(weight_decay),
+        lambda b: causal_lm_loss(model, b, 7),
+        clip=clip or ClipConfig(),
+        stochastic_rounding=rounding,
+        seed=3,
+    )
+    losses = [engine.step([b], 0.05).loss for b in random_batches(3)]
+    engine.close()
+    return losses
+
+
+@pytest.mark.parametrize(
+    "dtype, weight_decay, clip, rounding",
+    [
+        (torch.float32, 0.0, None, True),
+        (torch.float32, 0.1, ClipConfig(mode="per-tensor", max_norm=0.01), True),
+        (torch.bfloat16, 0.1, None, True),
+        (torch.bfloat16, 0.0, ClipConfig(mode="previous", max_norm=0.5), False),
+    ],
+)
+def test_the_compiled_lomo_update_gives_the_eager_weights(
+    dtype, weight_decay, clip, rounding, monkeypatch
+):
+    eager = tiny_llama(tie=True).to(dtype)
+    one_kernel = copy.deepcopy(eager)
+    settings = dict(weight_decay=weight_decay, clip=clip, rounding=rounding)
+    eager_losses = train(eager, False, monkeypatch, **settings)
+    compiled_losses = train(one_kernel, True, monkeypatch, **settings)
+    assert compiled_losses == eager_losses
+    for (name, p), q in zip(eager.named_parameters(), one_kernel.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name}: max diff {(p.float() - q.float()).abs().max()}"
+    start = tiny_llama(tie=True).to(dtype)  # the run moved the weights at all
+    moved = [
+        not torch.equal(p, q) for p, q in zip(eager.parameters(), start.parameters(), strict=True)
+    ]
+    assert sum(moved) > len(moved) // 2
+
+
+def test_a_gated_update_changes_nothing_even_with_nan(monkeypatch):
+    from torch._inductor.utils import run_and_get_code
+
+    param = torch.randn(300, dtype=torch.bfloat16)
+    before = param.clone()
+    grad = torch.full((300,), float("nan"), dtype=torch.bfloat16)
+    compiled = kernels.compiled(lomo_update_elementwise_)
+    _, code = run_and_get_code(compiled, param, grad, 1.0, 0.1, 0.0, torch.tensor(False), 12345, 0)
+    assert torch.equal(param, before)
+    # one loop: read weight and gradient, write the weight
+    assert len(set(re.findall(r"cpp_fused\w+", "\n".join(code)))) == 1
