@@ -1,5 +1,6 @@
-"""The fused update compiled into one kernel (what a GPU runs), here compiled by inductor
-on the CPU: the same weights as the eager sliced path, step for step."""
+"""The fused updates compiled into one kernel (what a GPU runs), here compiled by inductor
+on the CPU: the same weights as the eager sliced path, step for step (LOMO whole,
+AdaLomo's second pass)."""
 
 import copy
 import re
@@ -10,6 +11,7 @@ import torch
 
 from lomotune.models import causal_lm_loss
 from lomotune.optim import kernels
+from lomotune.optim.adalomo import AdaLomoRule
 from lomotune.optim.engine import FusedEngine
 from lomotune.optim.lomo import LomoRule, lomo_update_elementwise_
 from lomotune.recipe import ClipConfig
@@ -20,11 +22,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def train(model, compiled: bool, monkeypatch, *, weight_decay=0.0, clip=None, rounding=True):
+def train(
+    model, compiled: bool, monkeypatch, *, rule=LomoRule, weight_decay=0.0, clip=None, rounding=True
+):
     monkeypatch.setattr(kernels, "available", lambda device: compiled)
     engine = FusedEngine(
         model,
-        LomoRule(weight_decay),
+        rule(weight_decay=weight_decay),
         lambda b: causal_lm_loss(model, b, 7),
         clip=clip or ClipConfig(),
         stochastic_rounding=rounding,
@@ -36,20 +40,23 @@ def train(model, compiled: bool, monkeypatch, *, weight_decay=0.0, clip=None, ro
 
 
 @pytest.mark.parametrize(
-    "dtype, weight_decay, clip, rounding",
+    "rule, dtype, weight_decay, clip, rounding",
     [
-        (torch.float32, 0.0, None, True),
-        (torch.float32, 0.1, ClipConfig(mode="per-tensor", max_norm=0.01), True),
-        (torch.bfloat16, 0.1, None, True),
-        (torch.bfloat16, 0.0, ClipConfig(mode="previous", max_norm=0.5), False),
+        (LomoRule, torch.float32, 0.0, None, True),
+        (LomoRule, torch.float32, 0.1, ClipConfig(mode="per-tensor", max_norm=0.01), True),
+        (LomoRule, torch.bfloat16, 0.1, None, True),
+        (LomoRule, torch.bfloat16, 0.0, ClipConfig(mode="previous", max_norm=0.5), False),
+        (AdaLomoRule, torch.float32, 0.0, None, True),
+        (AdaLomoRule, torch.float32, 0.1, ClipConfig(mode="per-tensor", max_norm=0.01), True),
+        (AdaLomoRule, torch.bfloat16, 0.1, None, True),
     ],
 )
-def test_the_compiled_lomo_update_gives_the_eager_weights(
-    dtype, weight_decay, clip, rounding, monkeypatch
+def test_the_compiled_update_gives_the_eager_weights(
+    rule, dtype, weight_decay, clip, rounding, monkeypatch
 ):
     eager = tiny_llama(tie=True).to(dtype)
     one_kernel = copy.deepcopy(eager)
-    settings = dict(weight_decay=weight_decay, clip=clip, rounding=rounding)
+    settings = dict(rule=rule, weight_decay=weight_decay, clip=clip, rounding=rounding)
     eager_losses = train(eager, False, monkeypatch, **settings)
     compiled_losses = train(one_kernel, True, monkeypatch, **settings)
     assert compiled_losses == eager_losses

@@ -39,9 +39,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from lomotune.optim import kernels
+from lomotune.optim.rounding import as_int64, rounded_elementwise
 from lomotune.optim.slices import SlicedUpdate, must_gate, squares_fp64
 
 
@@ -97,13 +100,22 @@ class AdaLomoRule:
         combine = _Combine(self.sum_over_shards if sharded else None, ok)
         factored = "exp_avg_sq_row" in state
         stats = _factored_statistics if factored else _full_statistics
-        scale_of, update_rms, param_rms, ok = stats(update, state, beta, self.eps[0], combine)
+        scale, update_rms, param_rms, ok = stats(update, state, beta, self.eps[0], combine)
         clip = (update_rms / self.clip_threshold).clamp_(min=1.0)
         # Tensors, not Python floats: no device sync inside backward. Gated by `ok`.
         lr_t = param_rms.clamp_(min=self.eps[1]).mul_(lr).mul_(ok)
+        if kernels.available(update.param.device) and len(update.shape) <= 2:
+            # Pass 2 over the whole tensor in one kernel (pass 1 stays sliced eager ops).
+            # A plain tensor: dynamo would compile a Parameter's shapes as constants.
+            key = None if update.round_key is None else as_int64(update.round_key)
+            kernels.compiled(adalomo_update_elementwise_)(
+                update.param.detach(), update.grad, update.factor, scale.rows, scale.cols, clip,
+                lr_t, self.weight_decay, ok, key, update.start,
+            )  # fmt: skip
+            return
         gate = must_gate(ok)
         for rows, param, grad in update.update():
-            u = scale_of(rows).mul_(grad).div_(clip)  # U_t, RMS-clipped
+            u = scale.of(rows).mul_(grad).div_(clip)  # U_t, RMS-clipped
             if self.weight_decay:
                 param.mul_(1.0 - lr_t * self.weight_decay)
             if gate:  # NaN-safe: a gated step subtracts exactly zero
@@ -111,8 +123,49 @@ class AdaLomoRule:
             param.sub_(u.mul_(lr_t))
 
 
-ScaleOf = Callable[[slice], torch.Tensor]  # rows -> rsqrt(V_t) for those rows (a new tensor)
-Statistics = tuple[ScaleOf, torch.Tensor, torch.Tensor, torch.Tensor]  # +RMS(U), RMS(theta), ok
+@dataclass
+class Scale:
+    """rsqrt(V_t): for a matrix (or a stack) the outer product of `rows` (..., n) and
+    `cols` (..., 1, m); for a vector `rows` alone, elementwise (`cols` None)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor | None
+
+    def of(self, rows: slice) -> torch.Tensor:
+        """rsqrt(V_t) for a slice of rows, as a new tensor."""
+        if self.cols is None:
+            return self.rows[rows].clone()
+        return self.rows[rows].unsqueeze(-1) * self.cols
+
+
+Statistics = tuple[Scale, torch.Tensor, torch.Tensor, torch.Tensor]  # +RMS(U), RMS(theta), ok
+
+
+def adalomo_update_elementwise_(
+    param: torch.Tensor,  # (n, m) or (n,), fp32 or bf16: updated in place
+    grad: torch.Tensor,  # its complete gradient
+    factor: float | torch.Tensor,  # loss unscale x clip coefficient
+    scale_rows: torch.Tensor,
+    scale_cols: torch.Tensor | None,  # Scale's factors
+    clip: torch.Tensor,  # max(1, RMS(U_t) / clip_threshold)
+    lr_t: torch.Tensor,  # gated by ok
+    weight_decay: float,
+    ok: torch.Tensor,
+    round_key: int | None,  # as_int64; None: round to nearest (fp32: exact)
+    start: int,
+) -> None:
+    """AdaLomoRule's pass 2 over a whole matrix or vector as one elementwise expression,
+    for torch.compile (kernels.py): the same operations, in the same order, as the sliced
+    eager loop in `apply`."""
+    p = param.float()
+    scale = scale_rows if scale_cols is None else scale_rows.unsqueeze(-1) * scale_cols
+    u = scale * (grad.float() * factor) / clip
+    if weight_decay:
+        p = p * (1.0 - lr_t * weight_decay)
+    new = p - torch.where(ok, u, 0.0) * lr_t
+    if round_key is not None and param.dtype == torch.bfloat16:
+        new = rounded_elementwise(new, round_key, start)
+    param.copy_(new)
 
 
 class _Combine:
@@ -164,13 +217,9 @@ def _factored_statistics(
     # rsqrt(V_t) = rsqrt(R_t / mean(R_t)) rsqrt(C_t), as an outer product per slice.
     r_factor = (new_row / row_mean.float()).rsqrt_()  # (..., n)
     c_factor = new_col.rsqrt().unsqueeze(-2)  # (..., 1, m)
-
-    def scale_of(rows: slice) -> torch.Tensor:
-        return r_factor[rows].unsqueeze(-1) * c_factor
-
     update_rms = _per_matrix(mean_u2.float().sqrt(), update)
     param_rms = param_sq.div_(n * m).float().sqrt_()
-    return scale_of, update_rms, param_rms, ok
+    return Scale(r_factor, c_factor), update_rms, param_rms, ok
 
 
 def _full_statistics(
@@ -195,7 +244,7 @@ def _full_statistics(
     numel = numel.clamp(min=1.0)
     update_rms = u2.div_(numel).float().sqrt_()
     param_rms = param_sq.div_(numel).float().sqrt_()
-    return (lambda rows: rsqrt_v[rows].clone()), update_rms, param_rms, ok
+    return Scale(rsqrt_v, None), update_rms, param_rms, ok
 
 
 def _matrix_sum_sq(t: torch.Tensor) -> torch.Tensor:
