@@ -104,10 +104,13 @@ def tied_embedding(
     weight: torch.Tensor,  # (V, H): the embedding, also the head `linear_cross_entropy` uses
     padding_idx: int | None,
     tied: TiedGradient,
+    scale: torch.Tensor | None = None,  # 0-dim, in weight's dtype
 ) -> torch.Tensor:
-    """`F.embedding(ids, weight, padding_idx)`, whose weight gradient is added into the
-    head's gradient buffer left in `tied` (the padding row gets none, as F.embedding's)."""
-    return _TiedEmbedding.apply(ids, weight, padding_idx, tied)
+    """`F.embedding(ids, weight, padding_idx)` (times `scale`, as Gemma's scaled embedding
+    computes it), whose weight gradient (`scale` times the output's gradient, in the
+    weight's dtype as autograd's product rounds it) is added into the head's gradient
+    buffer left in `tied` (the padding row gets none, as F.embedding's)."""
+    return _TiedEmbedding.apply(ids, weight, padding_idx, tied, scale)
 
 
 def _transformed_logits(
@@ -199,11 +202,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 class _TiedEmbedding(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids, weight, padding_idx, tied):
+    def forward(ctx, ids, weight, padding_idx, tied, scale):
         ctx.save_for_backward(ids)
-        ctx.padding_idx, ctx.tied = padding_idx, tied
+        ctx.padding_idx, ctx.tied, ctx.scale = padding_idx, tied, scale
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        return torch.nn.functional.embedding(ids, weight, padding_idx)
+        out = torch.nn.functional.embedding(ids, weight, padding_idx)
+        return out if scale is None else out * scale
 
     @staticmethod
     @once_differentiable
@@ -212,6 +216,8 @@ class _TiedEmbedding(torch.autograd.Function):
         grad_weight = ctx.tied.take()
         if grad_weight is None:  # the loss's backward did not run (or made none)
             grad_weight = grad_out.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
+        if ctx.scale is not None:
+            grad_out = grad_out * ctx.scale  # what autograd's product rule gives the lookup
         if ctx.padding_idx is not None:
             # F.embedding gives the padding row no gradient: keep the head's for it exactly
             # (a copy of one row, rather than a data-dependent selection of the tokens)
@@ -219,4 +225,4 @@ class _TiedEmbedding(torch.autograd.Function):
         grad_weight.index_add_(0, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]))
         if ctx.padding_idx is not None:
             grad_weight[ctx.padding_idx] = head_row
-        return None, grad_weight, None, None
+        return None, grad_weight, None, None, None
