@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lomotune.linear_cross_entropy import LogitTransform, linear_cross_entropy
+from lomotune.linear_cross_entropy import (
+    LogitTransform,
+    TiedGradient,
+    linear_cross_entropy,
+    tied_embedding,
+)
 from lomotune.models import causal_lm_loss
 from lomotune.testing import random_batches, tiny_model
 
@@ -281,3 +286,74 @@ def test_gemmas_scaled_tied_embedding_has_one_vocab_sized_gradient_through_backw
     assert beyond_weights <= head_gradient + logits * 17 // 16 + 4 * token_states + MiB, (
         beyond_weights / MiB
     )
+
+
+BF16_ROUNDING = 2.0**-8  # bf16 keeps 8 significant bits: a rounding moves a value <= 2^-8 of it
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-scaled"])
+def test_bf16_loss_and_gradients_equal_cross_entropy_on_bf16_logits(tied):
+    """bf16 weights and hidden states, 96 label tokens in 4 chunks of 24, against
+    F.cross_entropy on the full logits computed the same way (one bf16 matmul, then
+    .float()); tied: the weight is also a scaled embedding (Gemma's, scale sqrt(64) in
+    bf16) in front of a tanh, through `tied_embedding`.
+
+    The tolerance, element by element, counts the bf16 roundings in which the two may
+    differ, each <= 2^-8 of the value rounded, and every value rounded is a partial sum
+    of terms whose absolute values sum to S, so |ours - reference| <= roundings x 2^-8
+    x S. The logits: a matmul of a chunk's rows may round differently from the whole
+    one's (one rounding); d(loss)/d(logits) is the same fp32 value up to a few fp32 ulps,
+    so its cast to bf16 may differ by one rounding. The hidden states' gradient: that
+    term's rounding, and the product's rounding on either side (3). The weight's
+    gradient: the term's rounding, the head's gradient added chunk by chunk into a bf16
+    buffer (4 roundings of a partial sum) where the reference rounds one fp32 matmul
+    once (1); tied, also each token's embedding row added in bf16 on both sides (2 per
+    token of the row), the reference's sum of its two gradients (1), and the embedding
+    rows' own terms (the hidden gradient's 3, tanh's backward 1, the scale's 1)."""
+    import math
+
+    n, hidden, vocab, chunk, grad_total = 96, 64, 256, 24, 2.5
+    g = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(vocab, hidden, generator=g) * 0.3).bfloat16()
+    h0 = torch.randn(n, hidden, generator=g).bfloat16()
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    scale = torch.tensor(math.sqrt(hidden)).to(torch.bfloat16)
+
+    def run(loss_fn, embed_fn):
+        w = w0.clone().requires_grad_()
+        x = embed_fn(w) if tied else h0.clone().requires_grad_()
+        h = torch.tanh(x) if tied else x
+        h.retain_grad()
+        loss = loss_fn(h, w)
+        (loss * grad_total).backward()
+        return loss, w.grad, h.grad, h.detach()
+
+    tied_gradient = TiedGradient()
+    ours = run(
+        lambda h, w: linear_cross_entropy(h, w, y, chunk, tied=tied_gradient if tied else None),
+        lambda w: tied_embedding(ids, w, None, tied_gradient, scale),
+    )
+    reference = run(
+        lambda h, w: F.cross_entropy((h @ w.t()).float(), y, reduction="sum"),
+        lambda w: F.embedding(ids, w) * scale,
+    )
+    (loss, grad_w, grad_h, h), (loss_ref, grad_w_ref, grad_h_ref, h_ref) = ours, reference
+    assert torch.equal(h, h_ref)  # the same forward up to the loss
+    # the loss: a token's cross-entropy moves by at most 2x the largest change of a logit
+    # (its gradient's 1-norm is <= 2), a logit's by one rounding
+    logits = (h_ref @ w0.t()).float()
+    bound_loss = n * 2 * BF16_ROUNDING * float(logits.abs().max())
+    assert loss.item() == pytest.approx(loss_ref.item(), abs=bound_loss)
+    # the terms: |d(loss)/d(logits)|, in bf16 as both cast it
+    terms = ((logits.softmax(1) - F.one_hot(y, vocab)) * grad_total).bfloat16().abs().float()
+    bound_h = 3 * BF16_ROUNDING * (terms @ w0.abs().float())
+    assert ((grad_h.float() - grad_h_ref.float()).abs() <= bound_h).all()
+    roundings = torch.full((vocab, 1), 1 + n // chunk + 1.0)
+    sums = terms.t() @ h_ref.abs().float()  # (V, H)
+    if tied:
+        roundings += 2 * torch.bincount(ids, minlength=vocab)[:, None] + 1 + 5
+        grad_x = (grad_h_ref.float() * (1 - h_ref.float() ** 2)).abs() * float(scale)
+        sums += torch.zeros(vocab, hidden).index_add_(0, ids, grad_x)
+    difference = (grad_w.float() - grad_w_ref.float()).abs()
+    assert (difference <= roundings * BF16_ROUNDING * sums).all()
