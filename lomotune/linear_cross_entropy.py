@@ -10,8 +10,9 @@ chunk's logits, log-probabilities and their gradient. This function's backward r
 each chunk's logits, turns them into d(loss)/d(logits) in place, and adds their product
 with the chunk's hidden states into one preallocated gradient (`addmm_`): at any moment
 one weight gradient, the hidden states' gradient and one chunk's logits (in fp32, and
-below fp32 also in the model's dtype) are alive. The forward keeps no logits either (one
-chunk's at a time, log-sum-exp taken in place).
+below fp32 also in the model's dtype) are alive; a softcapped head adds tanh's slope for
+a 1/16 row block of the chunk at a time. The forward keeps no logits either (one chunk's
+at a time, log-sum-exp taken in place).
 The same idea as Liger-Kernel's and Apple's cut-cross-entropy fused linear
 cross-entropy, written for CPU and any device with plain torch ops; the gradient is
 formed in backward (not in forward, as Liger does) so that a loss scale applied to the
@@ -63,6 +64,9 @@ class LogitTransform:
 
 
 PLAIN = LogitTransform()
+# A softcapped head's slope in backward is formed for this many row blocks of a loss chunk
+# in turn: its fp32 temporary is 1/16 of the chunk's logits (the estimator counts it).
+SLOPE_BLOCKS = 16
 
 
 class TiedGradient:
@@ -100,10 +104,13 @@ def tied_embedding(
     weight: torch.Tensor,  # (V, H): the embedding, also the head `linear_cross_entropy` uses
     padding_idx: int | None,
     tied: TiedGradient,
+    scale: torch.Tensor | None = None,  # 0-dim, in weight's dtype
 ) -> torch.Tensor:
-    """`F.embedding(ids, weight, padding_idx)`, whose weight gradient is added into the
-    head's gradient buffer left in `tied` (the padding row gets none, as F.embedding's)."""
-    return _TiedEmbedding.apply(ids, weight, padding_idx, tied)
+    """`F.embedding(ids, weight, padding_idx)` (times `scale`, as Gemma's scaled embedding
+    computes it), whose weight gradient (`scale` times the output's gradient, in the
+    weight's dtype as autograd's product rounds it) is added into the head's gradient
+    buffer left in `tied` (the padding row gets none, as F.embedding's)."""
+    return _TiedEmbedding.apply(ids, weight, padding_idx, tied, scale)
 
 
 def _transformed_logits(
@@ -119,6 +126,36 @@ def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rowmax = logits.amax(dim=1, keepdim=True)
     logits.sub_(rowmax).exp_()
     return rowmax, logits.sum(dim=1, keepdim=True)
+
+
+def _logit_gradient_(
+    logits: torch.Tensor,  # (c, V) fp32, transformed: overwritten
+    labels: torch.Tensor,  # (c,)
+    transform: LogitTransform,
+    grad_total: torch.Tensor,
+) -> torch.Tensor:
+    """transformed logits t -> d(loss)/d(logits before the transform), in place:
+    (softmax(t) - onehot(label)) x the incoming gradient x dt/dz.
+
+    A softcap's slope dt/dz = 1 - (t / softcap)^2 needs t, which the softmax overwrites:
+    it is formed first, SLOPE_BLOCKS row blocks of the chunk at a time (the softmax is a
+    row's own business), so that its temporary is a 1/SLOPE_BLOCKS part of the chunk
+    rather than a second fp32 chunk."""
+    rows = logits.shape[0]
+    step = rows if transform.softcap is None else -(-rows // SLOPE_BLOCKS)
+    for start in range(0, rows, step):
+        block, y = logits[start : start + step], labels[start : start + step]
+        slope = transform.derivative(block)  # (r, V), before the softmax overwrites t
+        _, sums = _exp_shifted_(block)
+        block.div_(sums)  # softmax(t)
+        block[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+        block.mul_(grad_total)
+        if slope is not None:
+            block.mul_(slope)
+        elif transform.multiplier != 1.0:
+            block.mul_(transform.multiplier)
+        del slope
+    return logits
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -149,19 +186,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             end = start + ctx.chunk_tokens
             h, y = hidden[start:end], labels[start:end]
             logits = _transformed_logits(h, weight, transform)
-            slope = transform.derivative(logits)  # before softmax overwrites them
-            # d CE / d z = softmax(z) - onehot(label), times the incoming gradient
-            _, sums = _exp_shifted_(logits)
-            grad_logits = logits.div_(sums)
-            grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-            grad_logits.mul_(grad_total)
-            if slope is not None:
-                grad_logits.mul_(slope)
-            elif transform.multiplier != 1.0:
-                grad_logits.mul_(transform.multiplier)
+            grad_logits = _logit_gradient_(logits, y, transform, grad_total)
             # the matmuls run in the model's dtype (a copy unless fp32: free the fp32 one)
             grad_logits = grad_logits.to(weight.dtype)
-            del slope, logits
+            del logits
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
@@ -174,11 +202,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 class _TiedEmbedding(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids, weight, padding_idx, tied):
+    def forward(ctx, ids, weight, padding_idx, tied, scale):
         ctx.save_for_backward(ids)
-        ctx.padding_idx, ctx.tied = padding_idx, tied
+        ctx.padding_idx, ctx.tied, ctx.scale = padding_idx, tied, scale
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        return torch.nn.functional.embedding(ids, weight, padding_idx)
+        out = torch.nn.functional.embedding(ids, weight, padding_idx)
+        return out if scale is None else out * scale
 
     @staticmethod
     @once_differentiable
@@ -187,6 +216,8 @@ class _TiedEmbedding(torch.autograd.Function):
         grad_weight = ctx.tied.take()
         if grad_weight is None:  # the loss's backward did not run (or made none)
             grad_weight = grad_out.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
+        if ctx.scale is not None:
+            grad_out = grad_out * ctx.scale  # what autograd's product rule gives the lookup
         if ctx.padding_idx is not None:
             # F.embedding gives the padding row no gradient: keep the head's for it exactly
             # (a copy of one row, rather than a data-dependent selection of the tokens)
@@ -194,4 +225,4 @@ class _TiedEmbedding(torch.autograd.Function):
         grad_weight.index_add_(0, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]))
         if ctx.padding_idx is not None:
             grad_weight[ctx.padding_idx] = head_row
-        return None, grad_weight, None, None
+        return None, grad_weight, None, None, None

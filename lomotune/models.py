@@ -316,15 +316,16 @@ def causal_lm_loss(
     through `linear_cross_entropy` (one weight-gradient buffer for all chunks); any other
     (a LoRA adapter on it, a bias, a quantized or sharded module) is called as a module,
     each chunk under activation checkpointing. A trained weight that is both a plain
-    `nn.Embedding` and that head is looked up by `tied_embedding`, whose backward adds
-    into the head's gradient: no second vocab-sized gradient at the end of backward.
+    `nn.Embedding` (or Gemma's scaled one) and that head is looked up by
+    `tied_embedding`, whose backward adds into the head's gradient: no second
+    vocab-sized gradient at the end of backward.
     """
     path = loss_path(model)
     if not path.chunked:
         return _own_loss(model, batch)
     body, head = split_head(model)
     fused = type(head) is torch.nn.Linear and head.bias is None
-    tied = TiedGradient() if fused and _plain_tied_embedding(body, head) else None
+    tied = TiedGradient() if fused and _tied_lookup(body, head) else None
     with _embedding_into(tied, body.get_input_embeddings()):
         hidden = body(
             input_ids=batch["input_ids"],
@@ -353,18 +354,33 @@ def causal_lm_loss(
     return total, n
 
 
-def _plain_tied_embedding(body: torch.nn.Module, head: torch.nn.Module) -> bool:
-    """The body's input embedding is the head's trained weight, in a plain lookup that
-    `tied_embedding` reproduces: no scaling subclass (Gemma's), no max_norm, no
-    frequency scaling, no sparse gradient."""
+def _tied_lookup(body: torch.nn.Module, head: torch.nn.Module) -> bool:
+    """The body's input embedding is the head's trained weight, in a lookup that
+    `tied_embedding` reproduces: a plain `nn.Embedding` or Gemma's scaled one, with no
+    max_norm, no frequency scaling, no sparse gradient."""
     embed = body.get_input_embeddings()
     return (
-        type(embed) is torch.nn.Embedding
+        (type(embed) is torch.nn.Embedding or type(embed) in _scaled_embedding_types())
         and embed.weight is head.weight
         and embed.weight.requires_grad
         and embed.max_norm is None
         and not embed.scale_grad_by_freq
         and not embed.sparse
+    )
+
+
+def _scaled_embedding_types() -> tuple[type, ...]:
+    """Gemma's embeddings (transformers' modeling_gemma*.py): `F.embedding(ids, weight,
+    padding_idx) * embed_scale.to(weight.dtype)` and nothing else; `_embedding_into`
+    passes that scale to `tied_embedding`."""
+    from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2TextScaledWordEmbedding
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    return (
+        GemmaTextScaledWordEmbedding,
+        Gemma2TextScaledWordEmbedding,
+        Gemma3TextScaledWordEmbedding,
     )
 
 
@@ -378,8 +394,12 @@ def _embedding_into(tied: TiedGradient | None, embed: torch.nn.Module):
         yield
         return
 
+    scaled = type(embed) is not torch.nn.Embedding  # Gemma's: `_tied_lookup` lets no other by
+
     def lookup(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return tied_embedding(args[0], module.weight, module.padding_idx, tied)
+        # the scale cast to the weight's dtype, as Gemma's own forward casts it
+        scale = module.embed_scale.to(module.weight.dtype) if scaled else None
+        return tied_embedding(args[0], module.weight, module.padding_idx, tied, scale)
 
     handle = embed.register_forward_hook(lookup, prepend=True)
     try:

@@ -13,8 +13,9 @@ Phases of a gradient method (lomo, adalomo, sgd, adamw, adam-mini, qlora-sgd):
 - loss: every kept activation, plus the backward of one chunk of the chunked loss
   (`linear_cross_entropy`: the chunk's logits in the model's precision, their fp32 copy
   turned into d(loss)/d(logits) in place and cast back: (4 + a) bytes x V per token, 4
-  in fp32), the whole gradient of the loss input, and the one lm_head gradient that
-  every chunk adds into;
+  in fp32; a softcapped head forms tanh's slope a 1/16 row block at a time beside the
+  fp32 copy: `loss_chunk_bytes`), the whole gradient of the loss input, and the one
+  lm_head gradient that every chunk adds into;
 - top layer: the layer recomputed (checkpointing) with all it saves, the incoming
   hidden-state gradient, and the gradients held at that moment: for fused methods one
   tensor being updated (with its fp32 copies), for the others every gradient so far;
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lomotune.linear_cross_entropy import SLOPE_BLOCKS
 from lomotune.optim.slices import DEFAULT_SLICE_BYTES, TEMP_BYTES_PER_ELEMENT
 
 GiB = 1024**3
@@ -61,6 +63,7 @@ class Shape:
     kv_heads: int
     tied: bool
     max_positions: int
+    softcapped: bool = False  # the head's logits go through softcap * tanh(z / softcap)
 
     @property
     def head_dim(self) -> int:
@@ -153,10 +156,6 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     c = min(setup.loss_chunk_tokens, n)
     h, v = shape.hidden, shape.vocab
     method = setup.method
-    # one chunk of logits in the loss (forward or backward): in the model's precision as
-    # the matmul writes them, and their fp32 copy (the same buffer in fp32). A softcapped
-    # head (Gemma 2/3) keeps one more fp32 chunk for tanh's slope in backward: not counted.
-    chunk_logits = c * v * (4 + (a if a != 4 else 0))
     shard = setup.gpus  # FSDP: persistent per-parameter bytes divide over the ranks
 
     weights = _weights(shape, setup, a)
@@ -183,7 +182,8 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     kept_parts = {"activations_kept": kept + final_norm + head_in + inputs}
 
     if method == "mezo":
-        return _mezo(shape, setup, a, base, inputs, t, n, chunk_logits)
+        # a loss forward's chunk: no slope (a forward has none)
+        return _mezo(shape, setup, a, base, inputs, t, n, loss_chunk_bytes(c, v, a, False))
 
     head_grad = v * h * a
     largest_layer = max(shape.layer_matrices())
@@ -194,7 +194,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     phases["loss backward"] = {
         **base,
         **kept_parts,
-        "logits_loss": chunk_logits + n * h * a,
+        "logits_loss": loss_chunk_bytes(c, v, a, shape.softcapped) + n * h * a,
         "gradients": head_grad // (1 if method in FUSED else shard),
     }
     if method in FUSED and method != "qlora-sgd":
@@ -245,6 +245,20 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     parts = {k: int(v) for k, v in parts.items() if v}
     parts["cuda_overhead"] = CUDA_OVERHEAD
     return Estimate(method=method, phase=phase, parts=parts)
+
+
+def loss_chunk_bytes(chunk: int, vocab: int, a: int, softcapped: bool) -> int:
+    """Bytes of one chunk of the chunked loss (`linear_cross_entropy`) at its worst moment:
+    the chunk's fp32 logits (the buffer that becomes d(loss)/d(logits) in backward), and
+    beside them, when the model is below fp32, the matmul's logits in its dtype (before
+    the fp32 copy) or the gradient cast back (after it): (4 + a) x V per token, 4 in fp32.
+    `softcapped` (a backward of a softcapped head, Gemma 2/3): tanh's slope, an fp32
+    block of 1/SLOPE_BLOCKS of the chunk's rows beside the fp32 logits (in bf16 / fp16 it
+    stays below the model-dtype copy)."""
+    fp32 = chunk * vocab * 4
+    in_model_dtype = chunk * vocab * a if a != 4 else 0
+    slope = -(-chunk // SLOPE_BLOCKS) * vocab * 4 if softcapped else 0
+    return fp32 + max(in_model_dtype, slope)
 
 
 def _weights(shape: Shape, setup: Setup, a: int) -> int:

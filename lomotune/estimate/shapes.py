@@ -168,4 +168,5 @@ def shape_of(config) -> Shape:
         kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         tied=bool(getattr(config, "tie_word_embeddings", False)),
         max_positions=config.max_position_embeddings,
+        softcapped=getattr(config, "final_logit_softcapping", None) is not None,
     )
