@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lomotune.linear_cross_entropy import SLOPE_BLOCKS
-from lomotune.optim.slices import DEFAULT_SLICE_BYTES, TEMP_BYTES_PER_ELEMENT
+from lomotune.optim.slices import TEMP_BYTES_PER_ELEMENT, slice_bytes_for
 
 GiB = 1024**3
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -345,7 +345,7 @@ def _fused_update_under_fsdp(numel: int, setup: Setup, a: int) -> int:
 def fused_update_bytes(numel: int, setup: Setup, a: int) -> int:
     """Bytes alive while a fused method's hook updates one tensor of `numel` elements:
     its gradient in the model's dtype, and the update's temporaries, which cover one row
-    slice of at most `slices.DEFAULT_SLICE_BYTES` (optim/slices.py), not the tensor: per
+    slice of at most `slices.slice_bytes_for(device)` (optim/slices.py), not the tensor: per
     element of a slice, the fp32 gradient and working copies (when the weights are not
     fp32), then lomo: the rounding noise (bf16: int32 noise and its hash words, 6 bytes);
     adalomo: its statistics pass (G^2, 4 bytes, and its fp64 copy for the column sums, 8)."""
@@ -354,7 +354,7 @@ def fused_update_bytes(numel: int, setup: Setup, a: int) -> int:
         per_element = copies + 12
     else:
         per_element = copies + (6 if setup.precision == "bf16" else 0)
-    in_a_slice = min(numel, DEFAULT_SLICE_BYTES // TEMP_BYTES_PER_ELEMENT)
+    in_a_slice = min(numel, slice_bytes_for(setup.device) // TEMP_BYTES_PER_ELEMENT)
     return numel * a + in_a_slice * per_element
 
 

@@ -185,6 +185,7 @@ class _ForwardOnly:
 def _build_engine(method: str, model, loss_fn, precision: str):
     """The engine `lomotune train` builds for `method` (optim.build_engine's choices)."""
     from lomotune.optim.engine import DynamicLossScale, FusedEngine
+    from lomotune.optim.slices import slice_bytes_for
 
     if method == FORWARD_ONLY:
         return _ForwardOnly(loss_fn)
@@ -198,7 +199,11 @@ def _build_engine(method: str, model, loss_fn, precision: str):
 
             rule = LomoRule()
         scale = DynamicLossScale(2.0**16, 1000) if precision == "fp16" else None
-        return FusedEngine(model, rule, loss_fn, clip=ClipConfig(), loss_scale=scale)
+        # The fake tensors are on the CPU; the step simulated is a GPU's: its slices.
+        return FusedEngine(
+            model, rule, loss_fn, clip=ClipConfig(), loss_scale=scale,
+            slice_bytes=slice_bytes_for("cuda"),
+        )  # fmt: skip
     if method == "mezo":
         from lomotune.optim.mezo import MezoEngine
 

@@ -115,7 +115,7 @@ class AdaLomoRule:
             return
         gate = must_gate(ok)
         for rows, param, grad in update.update():
-            u = scale.of(rows).mul_(grad).div_(clip)  # U_t, RMS-clipped
+            u = scale.apply_(grad, rows).div_(clip)  # U_t, RMS-clipped (grad is ours)
             if self.weight_decay:
                 param.mul_(1.0 - lr_t * self.weight_decay)
             if gate:  # NaN-safe: a gated step subtracts exactly zero
@@ -131,11 +131,11 @@ class Scale:
     rows: torch.Tensor
     cols: torch.Tensor | None
 
-    def of(self, rows: slice) -> torch.Tensor:
-        """rsqrt(V_t) for a slice of rows, as a new tensor."""
+    def apply_(self, grad: torch.Tensor, rows: slice) -> torch.Tensor:
+        """grad (a slice of rows) times rsqrt(V_t), in place: no slice-sized temporary."""
         if self.cols is None:
-            return self.rows[rows].clone()
-        return self.rows[rows].unsqueeze(-1) * self.cols
+            return grad.mul_(self.rows[rows])
+        return grad.mul_(self.rows[rows].unsqueeze(-1)).mul_(self.cols)
 
 
 Statistics = tuple[Scale, torch.Tensor, torch.Tensor, torch.Tensor]  # +RMS(U), RMS(theta), ok
@@ -158,8 +158,9 @@ def adalomo_update_elementwise_(
     for torch.compile (kernels.py): the same operations, in the same order, as the sliced
     eager loop in `apply`."""
     p = param.float()
-    scale = scale_rows if scale_cols is None else scale_rows.unsqueeze(-1) * scale_cols
-    u = scale * (grad.float() * factor) / clip
+    u = grad.float() * factor
+    u = u * scale_rows if scale_cols is None else u * scale_rows.unsqueeze(-1) * scale_cols
+    u = u / clip
     if weight_decay:
         p = p * (1.0 - lr_t * weight_decay)
     new = p - torch.where(ok, u, 0.0) * lr_t
@@ -202,8 +203,12 @@ def _factored_statistics(
     for rows, param, grad in update.read():
         g2 = grad.square()  # (r, m) or (..., n, m)
         new_row[rows] = row[rows].mul(beta).add_(g2.mean(dim=-1).add_(eps1), alpha=1 - beta)
-        col_sum += g2.sum(dim=-2, dtype=torch.float64)
-        s += g2.div_(new_row[rows].unsqueeze(-1)).sum(dim=-2, dtype=torch.float64)
+        # Both column sums in one fp64 product, [1; 1/R_i] @ G^2: one fp64 copy of the
+        # slice (a reduction with dtype=float64 makes one per sum).
+        r64 = new_row[rows].double()
+        sums = torch.stack([torch.ones_like(r64), r64.reciprocal()], dim=-2) @ g2.double()
+        col_sum += sums[..., 0, :]
+        s += sums[..., 1, :]
         param_sq = param_sq + _matrix_sum_sq(param)
     row_sum = new_row.sum(dim=-1, keepdim=True, dtype=torch.float64)  # (..., 1)
     (col_sum, s, param_sq, row_sum, n), ok = combine(

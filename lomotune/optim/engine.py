@@ -49,7 +49,7 @@ from lomotune.distributed import (
     whole_rows,
 )
 from lomotune.optim.seeds import mix64
-from lomotune.optim.slices import DEFAULT_SLICE_BYTES, SlicedUpdate, all_finite, sum_of_squares
+from lomotune.optim.slices import SlicedUpdate, all_finite, slice_bytes_for, sum_of_squares
 from lomotune.recipe import ClipConfig
 
 Batch = dict[str, torch.Tensor]
@@ -132,7 +132,7 @@ class FusedEngine:
         stochastic_rounding: bool = True,
         loss_scale: DynamicLossScale | None = None,
         seed: int = 0,
-        slice_bytes: int = DEFAULT_SLICE_BYTES,
+        slice_bytes: int | None = None,  # None: the budget of the parameters' device
     ):
         self.model = model
         self.rule = rule
@@ -141,7 +141,9 @@ class FusedEngine:
         self.stochastic_rounding = stochastic_rounding
         self.loss_scale = loss_scale
         self.seed = seed
-        self.slice_bytes = slice_bytes  # temporaries of one update, whatever the tensor
+        # Temporaries of one update, whatever the tensor.
+        device = next((local_shard(p)[0].device for p in model.parameters()), None)
+        self.slice_bytes = slice_bytes or slice_bytes_for(device.type if device else "cuda")
         self.step_count = 0  # updates applied so far
         self.previous_norm: float | None = None
         # Trainable parameters, each once (tied weights appear once in named_parameters).

@@ -22,12 +22,24 @@ import torch
 
 from lomotune.optim.rounding import stochastic_round_into
 
-DEFAULT_SLICE_BYTES = 64 << 20
+DEFAULT_SLICE_BYTES = 64 << 20  # on a GPU (its caching allocator reuses the blocks)
+# On a CPU `lomotune train` fixes glibc's mmap threshold at 4 MiB (allocator.py): a
+# temporary of 4 MiB or more is mapped afresh each time and every page of it faults on
+# first touch. Slices of 3 MiB of temporaries (some 157k elements: 0.6 MB in fp32, 1.2 MB
+# in fp64) stay on the heap, whose freed blocks are reused. Measured on SmolLM2-135M (AMD
+# EPYC, 2 cores), the update of every tensor: AdaLomo fp32 0.65 -> 0.33 s, bf16 1.19 ->
+# 0.59 s; LOMO bf16 0.63 -> 0.49 s (BENCHMARKS.md).
+CPU_SLICE_BYTES = 3 << 20
 # Temporaries per element of a slice, at most (bf16 AdaLomo's statistics pass): fp32
 # gradient and weight copies 8, G^2 4, its fp64 copy for the column sums 8.
 TEMP_BYTES_PER_ELEMENT = 20
 
 Slice = tuple[slice, torch.Tensor, torch.Tensor]  # (rows, param fp32, grad fp32)
+
+
+def slice_bytes_for(device_type: str) -> int:
+    """The temporaries' budget of one slice on a device of this type ("cpu", "cuda")."""
+    return CPU_SLICE_BYTES if device_type == "cpu" else DEFAULT_SLICE_BYTES
 
 
 def rows_per_slice(t: torch.Tensor, budget: int) -> int:
@@ -60,13 +72,16 @@ def sum_of_squares(t: torch.Tensor, budget: int = DEFAULT_SLICE_BYTES) -> torch.
 
 
 def squares_fp64(t: torch.Tensor) -> torch.Tensor:
-    """The squares of a slice summed per row in fp32, as fp64: (rows,), or a vector's
-    squares (elements,). A row's fp32 sum does not depend on how many rows the slice
-    has, and fp64 then adds rows without a rounding that slicing could change (short of
-    a tie at fp64 precision): an fp32 total independent of where slices were cut."""
+    """The squares of a slice summed per row, as fp64: (rows,), or a vector's squares
+    (elements,). A row's sum (its fp32 norm, squared in fp64) does not depend on how many
+    rows the slice has, and fp64 then adds rows without a rounding that slicing could
+    change (short of a tie at fp64 precision): an fp32 total independent of where slices
+    were cut. The norm reads the rows in place: `t.square().sum()` would allocate a
+    slice-sized temporary (on a CPU freshly mapped pages each time: ten times slower)."""
     if t.dim() <= 1:
         return t.double().square()
-    return t.float().square().sum(dim=tuple(range(1, t.dim()))).double()
+    dims = tuple(range(1, t.dim()))
+    return torch.linalg.vector_norm(t, dim=dims, dtype=torch.float32).double().square()
 
 
 def all_finite(t: torch.Tensor, budget: int = DEFAULT_SLICE_BYTES) -> torch.Tensor:
