@@ -110,6 +110,31 @@ def lomotune_method(method: str) -> str:
     return method.removesuffix("-ref").removesuffix("-nosr").removesuffix("-amp")
 
 
+def random_batch(args: argparse.Namespace, vocab: int) -> dict:
+    """`--batch` x `--seq` uniformly random token ids (seeded), labels on all, no padding."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def bench_recipe(cfg, method: str, args: argparse.Namespace):
+    """The recipe whose engine a bench row runs (`build_engine` of lomotune train)."""
+    from lomotune.recipe import LoraConfig, OptimizerConfig, Recipe, TrainingConfig
+
+    return Recipe(
+        model=cfg,
+        optimizer=OptimizerConfig(
+            name=lomotune_method(method),
+            lr=args.lr,
+            lora=LoraConfig() if method == "qlora-sgd" else None,
+            stochastic_rounding=not method.endswith("-nosr"),
+        ),
+        training=TrainingConfig(max_steps=args.warmup + args.steps),
+    )
+
+
 def worker(args: argparse.Namespace) -> dict:
     import resource
 
@@ -118,13 +143,7 @@ def worker(args: argparse.Namespace) -> dict:
     from lomotune.allocator import return_freed_memory
     from lomotune.models import causal_lm_loss, count_parameters, load_model
     from lomotune.monitor import MemoryMeter
-    from lomotune.recipe import (
-        LoraConfig,
-        ModelConfig,
-        OptimizerConfig,
-        Recipe,
-        TrainingConfig,
-    )
+    from lomotune.recipe import LoraConfig, ModelConfig
 
     return_freed_memory()  # as `lomotune train` does on a CPU
     method, precision = args.worker, args.precision
@@ -155,15 +174,8 @@ def worker(args: argparse.Namespace) -> dict:
     total_params, trainable = count_parameters(model)
 
     chunk = cfg.loss_chunk_tokens
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(1234)
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-    batch = {
-        "input_ids": ids,
-        "labels": ids.clone(),
-        "attention_mask": torch.ones_like(ids),
-    }
-    tokens = ids.numel()
+    batch = random_batch(args, model.config.vocab_size)
+    tokens = batch["input_ids"].numel()
 
     def loss_fn(b):
         if TRACKER:  # MemTracker refuses a second forward in one count without this
@@ -200,17 +212,7 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         from lomotune.optim import build_engine
 
-        recipe = Recipe(
-            model=cfg,
-            optimizer=OptimizerConfig(
-                name=lomotune_method(method),
-                lr=lr,
-                lora=LoraConfig() if method == "qlora-sgd" else None,
-                stochastic_rounding=not method.endswith("-nosr"),
-            ),
-            training=TrainingConfig(max_steps=args.warmup + args.steps),
-        )
-        engine = build_engine(recipe, model, loss_fn)
+        engine = build_engine(bench_recipe(cfg, method, args), model, loss_fn)
         if hasattr(engine, "optimizer"):
             tracked.append(engine.optimizer)
         for st in getattr(engine, "states", []):
@@ -277,6 +279,95 @@ def worker(args: argparse.Namespace) -> dict:
         "losses": losses,
         "threads": torch.get_num_threads(),
     }
+
+
+# Methods whose steps can alternate on one model in one process: no hooks left behind
+# between steps (lomo_optim's cannot be removed), one precision.
+INTERLEAVED_METHODS = ["lomo", "lomo-nosr", "adalomo", "mezo", "sgd", "adamw", "adam-mini"]
+
+
+def speed_interleaved(methods: list[str], precision: str, args: argparse.Namespace) -> list[dict]:
+    """Step time of each method in ONE process, on one model, the methods' steps
+    alternating (in order in even rounds, reversed in odd ones), so that the machine's
+    drift over minutes (step times here move 5-10 % between runs of the same code) falls
+    on every method alike. Memory is not measured here (see the per-process rows). A
+    fused engine is built for each of its steps and its hooks removed after it; the
+    baselines keep their optimizer state. All of them update the same weights."""
+    import torch
+
+    from lomotune.allocator import return_freed_memory
+    from lomotune.models import causal_lm_loss, load_model
+    from lomotune.optim import build_engine
+    from lomotune.recipe import ModelConfig
+
+    return_freed_memory()
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=args.model, precision=precision, activation_checkpointing=True,
+                      loss_chunk_tokens=args.loss_chunk)  # fmt: skip
+    model = load_model(cfg, torch.device("cpu")).model
+    model.train()
+    batch = random_batch(args, model.config.vocab_size)
+
+    def loss_fn(b):
+        return causal_lm_loss(model, b, cfg.loss_chunk_tokens)
+
+    kept: dict[str, object] = {}  # engines without hooks live across steps
+    clock = UpdateClock()
+
+    def one_step(method: str) -> tuple[float, float]:
+        engine = kept.get(method) or build_engine(bench_recipe(cfg, method, args), model, loss_fn)
+        if hasattr(engine, "optimizer") or method == "mezo":
+            kept[method] = engine
+        timed = getattr(engine, "optimizer", engine)
+        attr = "step" if hasattr(engine, "optimizer") else "_update"
+        original = getattr(timed, attr, None)
+        if original is not None:
+            setattr(timed, attr, clock.timed(original))
+        clock.seconds = 0.0
+        t = time.perf_counter()
+        try:
+            engine.step([batch], args.lr)
+        finally:
+            if original is not None:
+                setattr(timed, attr, original)
+            if method not in kept:
+                engine.close()
+        return time.perf_counter() - t, clock.seconds
+
+    rows = {m: {"method": m, "step_s": [], "update_s": []} for m in methods}
+    for round_ in range(args.warmup + args.steps):
+        for method in methods if round_ % 2 == 0 else methods[::-1]:
+            step_s, update_s = one_step(method)
+            if round_ >= args.warmup:
+                rows[method]["step_s"].append(step_s)
+                rows[method]["update_s"].append(update_s)
+        print(f"  round {round_ + 1}: " + ", ".join(
+            f"{m} {r['step_s'][-1]:.2f} s" for m, r in rows.items() if r["step_s"]
+        ), flush=True)  # fmt: skip
+    tokens = batch["input_ids"].numel()
+    for r in rows.values():
+        r["median_step_s"] = statistics.median(r["step_s"])
+        r["median_update_s"] = statistics.median(r["update_s"]) if r["method"] != "mezo" else None
+        r["tokens_per_s"] = tokens / r["median_step_s"]
+        r["precision"] = precision
+    return list(rows.values())
+
+
+def interleaved_table(rows: list[dict]) -> str:
+    by = {r["method"]: r for r in rows}
+    against = [m for m in ("sgd", "adamw", "lomo") if m in by]
+    lines = [
+        "\n| method | median step s | update s/step | tokens/s | "
+        + " | ".join(f"tokens/s vs {m}" for m in against) + " |",
+        "|---|---|---|---|" + "---|" * len(against),
+    ]  # fmt: skip
+    for r in rows:
+        ratios = " | ".join(ratio(r["tokens_per_s"], by[m]["tokens_per_s"]) for m in against)
+        lines.append(
+            f"| {r['method']} | {r['median_step_s']:.2f} | {update_s(r)} "
+            f"| {r['tokens_per_s']:.0f} | {ratios} |"
+        )
+    return "\n".join(lines)
 
 
 class UpdateClock:
@@ -708,6 +799,12 @@ def main() -> None:
     p.add_argument(
         "--fake-like", help="count a real model's shape instead (a model name, e.g. smollm2-135m)"
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="speed only: every method's steps alternating in one process (of "
+        f"{INTERLEAVED_METHODS}), so that the machine's drift falls on all alike",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -747,6 +844,32 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(
                 json.dumps({"lomotune": library_version(), "fake_1b": rows}, indent=1)
+            )
+        return
+
+    if args.interleave:
+        methods = methods or ["lomo", "sgd", "adamw"]
+        unknown = [m for m in methods if m not in INTERLEAVED_METHODS]
+        if unknown:
+            p.error(f"--interleave runs {INTERLEAVED_METHODS}; not {unknown}")
+        started = time.perf_counter()
+        print(
+            f"bench --interleave: {args.model}, batch {args.batch} x {args.seq}, loss chunk "
+            f"{args.loss_chunk}, {args.warmup} warmup + {args.steps} measured rounds of "
+            f"{', '.join(methods)}; lomotune {library_version()}",
+            flush=True,
+        )
+        rows = [
+            r for precision in args.precision.split(",")
+            for r in speed_interleaved(methods, precision, args)
+        ]  # fmt: skip
+        print(interleaved_table(rows))
+        print(
+            f"\n(total {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f})"
+        )
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"lomotune": library_version(), "interleaved": rows}, indent=1)
             )
         return
 
