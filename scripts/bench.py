@@ -4,6 +4,7 @@
     python scripts/bench.py                                   # all methods, bf16, 4 x 512
     python scripts/bench.py --methods lomo,adamw --steps 3 --json /tmp/bench.json
     python scripts/bench.py --fake-1b                         # counted, not measured: see below
+    python scripts/bench.py --interleave --methods lomo,sgd,adamw --precision fp32  # speed only
 
 What one method's measurement is (each method in its OWN subprocess, one after another,
 never concurrently: process RSS never shrinks, so a comparison inside one process would
@@ -30,8 +31,10 @@ Reported memory, all process RSS:
   method needs beyond the weights;
 - `ru_maxrss`: the kernel's lifetime peak of the process (includes loading).
 
-Speed on a shared 2-core CPU is noisy (other processes run on the same cores): read the
-ratios, measured back to back in one run, rather than the absolute numbers.
+Speed on a 2-core CPU drifts 5-10 % between runs minutes apart, more than methods differ:
+compare speed with `--interleave` (the methods' steps alternating in one process, so the
+drift falls on all alike; memory is not measured there). "update s/step" is the time in
+the fused hooks' updates or in optimizer.step: where the methods differ at all.
 
 `--fake-1b`: GPU memory without a GPU. A ~1.1B-parameter Llama shape is built under
 `torch._subclasses.fake_tensor.FakeTensorMode` (no storage is allocated) and one training
