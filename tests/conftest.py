@@ -1,5 +1,18 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# The kernels torch.compile builds in tests (test_kernels.py, test_rounding.py) go to a
+# cache of this session: inductor's on-disk cache does not key on the CPU's vector ISA
+# setting, and a kernel cached by a run with AVX-512 gave wrong bits, then crashed, in a
+# later run with ATEN_CPU_CAPABILITY=avx2 (the AVX2 emulation of CI's slower machine).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lomotune-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
