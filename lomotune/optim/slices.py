@@ -27,8 +27,8 @@ DEFAULT_SLICE_BYTES = 64 << 20  # on a GPU (its caching allocator reuses the blo
 # temporary of 4 MiB or more is mapped afresh each time and every page of it faults on
 # first touch. Slices of 3 MiB of temporaries (some 157k elements: 0.6 MB in fp32, 1.2 MB
 # in fp64) stay on the heap, whose freed blocks are reused. Measured on SmolLM2-135M (AMD
-# EPYC, 2 cores), the update of every tensor: AdaLomo fp32 0.65 -> 0.33 s, bf16 1.19 ->
-# 0.59 s; LOMO bf16 0.63 -> 0.49 s (BENCHMARKS.md).
+# EPYC, 2 cores), with AdaLomo's fewer temporaries: its update in a 4 x 512 fp32 step
+# 1.26 -> 0.67 s (BENCHMARKS.md, "Issue 15, next stop").
 CPU_SLICE_BYTES = 3 << 20
 # Temporaries per element of a slice, at most (bf16 AdaLomo's statistics pass): fp32
 # gradient and weight copies 8, G^2 4, its fp64 copy for the column sums 8.
