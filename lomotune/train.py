@@ -54,7 +54,14 @@ from lomotune.monitor import MemoryMeter, Throughput, format_bytes
 from lomotune.optim import build_engine, kernels
 from lomotune.optim.schedule import lr_at
 from lomotune.precision import resolve_precision
-from lomotune.recipe import METHOD_DEFAULTS, LoraConfig, Recipe, RecipeError, recipe_to_yaml
+from lomotune.recipe import (
+    FUSED_METHODS,
+    METHOD_DEFAULTS,
+    LoraConfig,
+    Recipe,
+    RecipeError,
+    recipe_to_yaml,
+)
 
 # Exit codes: what a script calling lomotune can tell apart.
 EXIT_BAD_INPUT = 2
@@ -465,14 +472,13 @@ def method_warnings(recipe: Recipe, device: torch.device) -> list[str]:
             "updates are smaller than bf16's spacing and are lost. Use "
             "optimizer.stochastic_rounding: true (lomo), a larger lr, or model.precision: fp32"
         )
-    rounds = opt.name in ("lomo", "adalomo") and opt.stochastic_rounding
-    on_gpu = recipe.model.precision == "bf16" and device.type != "cpu"
-    if rounds and on_gpu and not kernels.available(device):
-        out.append(
-            "the fused update and its stochastic rounding run as separate eager ops on "
-            "this GPU (some 25 passes over memory instead of one): Triton, torch.compile's "
-            "GPU backend, is not installed. `pip install triton` for the one-pass kernel"
-        )
+    if opt.name in FUSED_METHODS and device.type != "cpu":
+        why = kernels.why_not_compiled(device)  # builds the kernel once, before training
+        if why:
+            out.append(
+                "the fused update runs as separate eager ops on this GPU (several passes "
+                f"over memory where one compiled kernel makes one): {why}"
+            )
     return out
 
 

@@ -80,3 +80,31 @@ def test_a_gated_update_changes_nothing_even_with_nan(monkeypatch):
     assert torch.equal(param, before)
     # one loop: read weight and gradient, write the weight
     assert len(set(re.findall(r"cpp_fused\w+", "\n".join(code)))) == 1
+
+
+def test_the_probe_passes_a_right_kernel_and_names_a_broken_one(monkeypatch):
+    assert kernels.probe(torch.device("cpu")) is None  # inductor's C++ build: right bits
+
+    def fails_to_build(fn):
+        def run(*args):
+            raise RuntimeError("no backend for this device\nmore lines")
+
+        return run
+
+    monkeypatch.setattr(kernels, "compiled", fails_to_build)
+    why = kernels.probe(torch.device("cpu"))
+    assert "could not build" in why and "RuntimeError: no backend for this device" in why
+    monkeypatch.setattr(kernels, "compiled", lambda fn: lambda out, *a: out.zero_())
+    assert "other bits" in kernels.probe(torch.device("cpu"))
+
+
+def test_each_gpu_is_probed_once_and_a_failed_probe_means_eager(monkeypatch):
+    probed = []
+    monkeypatch.setattr(kernels, "_why_not", {})
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(kernels, "probe", lambda d: probed.append(str(d)) or "it broke")
+    gpu = torch.device("cuda:0")
+    assert kernels.why_not_compiled(gpu) == "it broke" and not kernels.available(gpu)
+    assert kernels.why_not_compiled(gpu) == "it broke"
+    assert probed == ["cuda:0"]
+    assert kernels.why_not_compiled(torch.device("cpu")) is not None

@@ -1,6 +1,7 @@
 """The whole path through the CLI on the tiny model: recipe -> model -> data -> engine ->
 loop -> outputs, for every method."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def test_mezo_on_lora_adapters_only(tmp_path):
     assert (out / "model" / "adapter_model.safetensors").exists()
 
 
-def test_bf16_rounding_on_a_gpu_without_triton_says_it_runs_unfused(monkeypatch):
+def test_a_fused_method_on_a_gpu_without_its_kernel_says_why(monkeypatch):
     import lomotune.train as train_module
     from lomotune.optim import kernels
     from lomotune.recipe import ModelConfig, OptimizerConfig, Recipe, TrainingConfig
@@ -187,9 +188,9 @@ def test_bf16_rounding_on_a_gpu_without_triton_says_it_runs_unfused(monkeypatch)
         training=TrainingConfig(max_steps=1),
     )
     gpu = torch.device("cuda")
-    monkeypatch.setattr(kernels, "available", lambda device: False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     (warning,) = train_module.method_warnings(recipe, gpu)
-    assert "Triton" in warning and "pip install triton" in warning
+    assert "eager ops" in warning and "pip install triton" in warning
     assert train_module.method_warnings(recipe, torch.device("cpu")) == []
-    monkeypatch.setattr(kernels, "available", lambda device: True)
+    monkeypatch.setattr(kernels, "why_not_compiled", lambda device: None)
     assert train_module.method_warnings(recipe, gpu) == []
