@@ -246,17 +246,21 @@ def test_rank_0_alone_prints_and_each_resume_says_so(runs):
     assert "max over processes, spread" in launched.stdout
 
 
+def wait_for_a_training_step(launcher, out: Path) -> None:
+    """Until the launched run has logged a training step (at most 2 minutes)."""
+    deadline = time.monotonic() + 120
+    while (
+        not (out / "metrics.jsonl").exists() or '"train"' not in (out / "metrics.jsonl").read_text()
+    ):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.2)
+
+
 def test_a_killed_process_ends_the_run_within_seconds(tmp_path):
     out = tmp_path / "run"
     launcher = launched_run(out, "training.max_steps=100000")
     try:
-        deadline = time.monotonic() + 120
-        while (
-            not (out / "metrics.jsonl").exists()
-            or "train" not in (out / "metrics.jsonl").read_text()
-        ):
-            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-            time.sleep(0.2)
+        wait_for_a_training_step(launcher, out)
         workers = children(launcher.pid)
         assert len(workers) == 2
         killed_at = time.monotonic()
@@ -341,13 +345,7 @@ def test_ctrl_c_on_two_processes_saves_and_exits_as_one_process_does(tmp_path):
     out = tmp_path / "run"
     launcher = launched_run(out, "training.max_steps=100000", "training.save_every=0")
     try:
-        deadline = time.monotonic() + 120
-        while (
-            not (out / "metrics.jsonl").exists()
-            or '"train"' not in (out / "metrics.jsonl").read_text()
-        ):
-            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-            time.sleep(0.2)
+        wait_for_a_training_step(launcher, out)
         os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
         stdout, stderr = launcher.communicate(timeout=90)
     finally:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from lomotune.optim import kernels
-from lomotune.optim.rounding import as_int64, rounded_elementwise
+from lomotune.optim.rounding import rounded_elementwise
 from lomotune.optim.slices import SlicedUpdate, must_gate, squares_fp64
 
 
@@ -107,10 +107,9 @@ class AdaLomoRule:
         if kernels.available(update.param.device) and len(update.shape) <= 2:
             # Pass 2 over the whole tensor in one kernel (pass 1 stays sliced eager ops).
             # A plain tensor: dynamo would compile a Parameter's shapes as constants.
-            key = None if update.round_key is None else as_int64(update.round_key)
             kernels.compiled(adalomo_update_elementwise_)(
                 update.param.detach(), update.grad, update.factor, scale.rows, scale.cols, clip,
-                lr_t, self.weight_decay, ok, key, update.start,
+                lr_t, self.weight_decay, ok, update.round_key_int64, update.start,
             )  # fmt: skip
             return
         gate = must_gate(ok)

@@ -33,11 +33,14 @@ def why_not_compiled(device: torch.device) -> str | None:
     backward)."""
     if device.type == "cpu":
         return "a CPU runs the eager ops"
-    if importlib.util.find_spec("triton") is None:
-        return "Triton, torch.compile's GPU backend, is not installed (`pip install triton`)"
-    key = str(device)
+    key = str(device)  # asked by every fused hook: answered once per device
     if key not in _why_not:
-        _why_not[key] = probe(device)
+        if importlib.util.find_spec("triton") is None:
+            _why_not[key] = (
+                "Triton, torch.compile's GPU backend, is not installed (`pip install triton`)"
+            )
+        else:
+            _why_not[key] = probe(device)
     return _why_not[key]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lomotune.optim import kernels
-from lomotune.optim.rounding import as_int64, rounded_elementwise
+from lomotune.optim.rounding import rounded_elementwise
 from lomotune.optim.slices import SlicedUpdate, must_gate
 
 
@@ -22,10 +22,9 @@ class LomoRule:
     def apply(self, update: SlicedUpdate, state, lr: float, step: int, ok: torch.Tensor) -> None:
         if kernels.available(update.param.device) and update.param.is_contiguous():
             # The whole tensor in one kernel: nothing to slice, no temporaries.
-            key = None if update.round_key is None else as_int64(update.round_key)
             kernels.compiled(lomo_update_elementwise_)(
                 update.param.view(-1), update.grad.reshape(-1), update.factor,
-                lr, self.weight_decay, ok, key, update.start,
+                lr, self.weight_decay, ok, update.round_key_int64, update.start,
             )  # fmt: skip
             return
         # Elementwise: one pass over the slices.

@@ -35,10 +35,6 @@ _MUL2 = 0x94D049BB133111EB
 
 def as_int64(v: int) -> int:
     """v modulo 2^64 as torch's signed int64 holds it."""
-    return _signed(v)
-
-
-def _signed(v: int) -> int:
     v &= _MASK64
     return v - (1 << 64) if v >= 1 << 63 else v
 
@@ -53,9 +49,9 @@ def noise16(key: int, start: int, n: int, device: torch.device | str = "cpu") ->
     Element k is bits 16 (k % 4) .. 16 (k % 4) + 15 of splitmix64(key + (k // 4) golden)."""
     first, end = start // 4, (start + n + 3) // 4
     z = torch.arange(first, end, dtype=torch.int64, device=device)
-    z.mul_(_signed(_GOLDEN)).add_(_signed(key))
-    _xor_logical_shift_(z, 30).mul_(_signed(_MUL1))
-    _xor_logical_shift_(z, 27).mul_(_signed(_MUL2))
+    z.mul_(as_int64(_GOLDEN)).add_(as_int64(key))
+    _xor_logical_shift_(z, 30).mul_(as_int64(_MUL1))
+    _xor_logical_shift_(z, 27).mul_(as_int64(_MUL2))
     _xor_logical_shift_(z, 31)
     # The four 16-bit lanes of each word, low lane first (how `view` reads them on the
     # little-endian machines torch runs on); int16 is signed, so mask after widening.
@@ -68,9 +64,9 @@ def noise16_at(key: int, index: torch.Tensor) -> torch.Tensor:
     computed per element (one hash each): an elementwise function of the index, so that
     it fuses with the rounding into one kernel. `key` as a signed int64 (`as_int64`):
     compiled, it is a symbolic integer that must stay within int64."""
-    z = (index >> 2) * _signed(_GOLDEN) + key
-    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _signed(_MUL1)
-    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _signed(_MUL2)
+    z = (index >> 2) * as_int64(_GOLDEN) + key
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * as_int64(_MUL1)
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * as_int64(_MUL2)
     z = z ^ ((z >> 31) & ((1 << 33) - 1))
     return ((z >> ((index & 3) * 16)) & 0xFFFF).to(torch.int32)
 

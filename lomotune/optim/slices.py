@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lomotune.optim.rounding import stochastic_round_into
+from lomotune.optim.rounding import as_int64, stochastic_round_into
 
 DEFAULT_SLICE_BYTES = 64 << 20  # on a GPU (its caching allocator reuses the blocks)
 # On a CPU `lomotune train` fixes glibc's mmap threshold at 4 MiB (allocator.py): a
@@ -127,6 +127,8 @@ class SlicedUpdate:
         self.factor = factor
         self.budget = budget
         self.round_key = round_key
+        # The key as a compiled kernel takes it (kernels.py), None: no stochastic rounding.
+        self.round_key_int64 = None if round_key is None else as_int64(round_key)
         self.start = start
         self.shape = tuple(param.shape)
         self.row_elements = self.param[0].numel() if self.param.shape[0] else 0
