@@ -259,7 +259,7 @@ def estimate(
         config = est.resolve_config(name)
         methods = list(est.METHODS) if compare else [setup.method]
         if simulate:
-            methods = [m for m in methods if m != "qlora-sgd"] if compare else methods
+            methods = [m for m in methods if m in est.SIMULATED_METHODS] if compare else methods
         results = []
         for m in methods:
             one = dataclasses.replace(setup, method=m)

@@ -50,17 +50,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lomotune import methods
 from lomotune.recipe import HardwareConfig, Recipe
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 # Set by `launch` for its workers: a folder where a worker that stops with an error leaves
 # its message (`hand_to_launcher`), for the launcher to print once.
 MESSAGES_VARIABLE = "LOMOTUNE_LAUNCHER_MESSAGES"
-# Methods that run on several processes, and how.
-SHARDED_METHODS = ("lomo", "adalomo", "sgd", "adamw")  # FSDP2
-# Data parallel: every rank holds the whole model; mezo sums its scalar losses, the others
-# their gradients.
-REPLICATED_METHODS = ("mezo", "qlora-sgd", "adam-mini")
 
 
 class LaunchError(Exception):
@@ -333,7 +329,9 @@ def refusal(recipe: Recipe, world_size: int) -> str | None:
 
 def shards(recipe: Recipe) -> bool:
     """Whether the recipe's method runs on FSDP2 shards (else data parallel)."""
-    return recipe.optimizer.name in SHARDED_METHODS
+    # Else data parallel: every rank holds the whole model; mezo sums its scalar losses,
+    # the others their gradients.
+    return methods.method(recipe.optimizer.name).processes == "sharded"
 
 
 def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World, device: torch.device):

@@ -8,7 +8,6 @@ Defaults live here, in the schema, and nowhere else.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,15 +22,11 @@ from pydantic import (
     model_validator,
 )
 
+from lomotune import methods
+
 # auto: bf16 where the hardware computes in it natively, else fp32 (see precision.py).
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-MethodName = Literal["lomo", "adalomo", "mezo", "qlora-sgd", "adamw", "sgd", "adam-mini"]
-
-# Methods whose update is applied inside backward: no gradient survives a micro-batch,
-# so gradients cannot be accumulated over several of them.
-FUSED_METHODS = ("lomo", "adalomo", "qlora-sgd")
-# Methods that run an ordinary torch optimizer after a full backward.
-BASELINE_METHODS = ("adamw", "sgd", "adam-mini")
+MethodName = Literal[methods.NAMES]  # type: ignore[valid-type]
 
 
 class RecipeError(Exception):
@@ -102,42 +97,6 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-@dataclass(frozen=True)
-class MethodDefaults:
-    lr: float  # used when the recipe sets no optimizer.lr
-    usual_lr: tuple[float, float]  # outside this range a warning names it
-    source: str  # where the default comes from
-
-
-# Each method's own learning rate: they differ by six orders of magnitude, so one default
-# for all would be wrong for most of them.
-METHOD_DEFAULTS = {
-    # LOMO paper (arXiv 2306.09782) trains LLaMA on SuperGLUE at 3e-2 with global-norm
-    # clipping at 1.0; without clipping (the default here) 1e-2 is the safer start.
-    "lomo": MethodDefaults(1e-2, (1e-4, 1e-1), "LOMO paper: 3e-2 with clip 1.0"),
-    "adalomo": MethodDefaults(1e-3, (1e-5, 1e-2), "AdaLomo paper and lomo-optim: 1e-3"),
-    "mezo": MethodDefaults(1e-6, (1e-8, 1e-4), "MeZO paper, full-parameter: 1e-6/1e-7"),
-    # QLoRA's 2e-4 is for paged AdamW; plain SGD on adapters needs a much larger step.
-    "qlora-sgd": MethodDefaults(1e-2, (1e-4, 1.0), "SGD on LoRA adapters; QLoRA's Adam uses 2e-4"),
-    "adamw": MethodDefaults(2e-5, (1e-6, 1e-3), "full fine-tuning with AdamW: 1e-5 to 5e-5"),
-    "sgd": MethodDefaults(1e-2, (1e-4, 1e-1), "as lomo"),
-    "adam-mini": MethodDefaults(2e-5, (1e-6, 1e-3), "Adam-mini paper: AdamW's learning rate"),
-}
-
-# Keys that only some methods read: set for any other method, they are refused, never
-# silently ignored.
-METHOD_ONLY_KEYS = {
-    "betas": ("adamw", "adam-mini"),
-    "eps": ("adamw", "adam-mini"),
-    "adalomo_eps": ("adalomo",),
-    "clip_threshold": ("adalomo",),
-    "decay_rate": ("adalomo",),
-    "zo_eps": ("mezo",),
-    "zo_directions": ("mezo",),
-    "stochastic_rounding": FUSED_METHODS,
-}
-
-
 class OptimizerConfig(Section):
     name: MethodName = "lomo"
     lr: float | None = Field(None, gt=0.0, description="None = the method's default")
@@ -171,7 +130,7 @@ class OptimizerConfig(Section):
     @model_validator(mode="after")
     def _method_lr(self) -> OptimizerConfig:
         if self.lr is None:
-            self.lr = METHOD_DEFAULTS[self.name].lr
+            self.lr = methods.method(self.name).lr
         return self
 
 
@@ -262,7 +221,8 @@ def combination_problems(r: Recipe) -> list[str]:
         problems.append(
             "training: both max_steps and epochs are set; choose one (remove the other)"
         )
-    if opt.name in FUSED_METHODS and opt.gradient_accumulation > 1:
+    method = methods.method(opt.name)
+    if method.fused and opt.gradient_accumulation > 1:
         problems.append(
             f"optimizer.gradient_accumulation: {opt.name} applies each update inside "
             "backward, so gradients from several micro-batches cannot be summed first. "
@@ -270,7 +230,7 @@ def combination_problems(r: Recipe) -> list[str]:
             "model.activation_checkpointing: true to keep activations small), or use "
             "adamw/sgd/adam-mini/mezo, which can accumulate"
         )
-    if opt.name not in FUSED_METHODS and opt.clip.mode == "previous":
+    if not method.fused and opt.clip.mode == "previous":
         problems.append(
             f"optimizer.clip.mode: 'previous' saves the second backward of fused methods; "
             f"{opt.name} has every gradient at once, so use clip.mode: exact"
@@ -287,35 +247,37 @@ def combination_problems(r: Recipe) -> list[str]:
             "hardware.processes: is the number of CPU processes (with gpus: 0); on GPUs "
             "set hardware.gpus to the number of GPUs per machine instead"
         )
-    if opt.name == "mezo" and opt.clip.mode != "none":
+    if method.engine == "zeroth-order" and opt.clip.mode != "none":
         problems.append(
             "optimizer.clip.mode: mezo estimates one scalar per direction; there is no "
             "gradient to clip. Set clip.mode: none"
         )
-    if opt.name == "qlora-sgd" and r.model.precision == "fp16":
+    if method.quantized_base and r.model.precision == "fp16":
         problems.append(
             "model.precision: qlora-sgd computes in bf16 or fp32 over its 4-bit base; "
             "set model.precision: bf16"
         )
-    for key, methods in METHOD_ONLY_KEYS.items():
+    for key in methods.METHOD_ONLY_KEYS:
         # Compared with the default rather than "was it written": a resolved recipe saved
         # by a run lists every key, and must load again.
         default = OptimizerConfig.model_fields[key].default
-        if opt.name not in methods and getattr(opt, key) != default:
+        if key not in method.keys and getattr(opt, key) != default:
             problems.append(
-                f"optimizer.{key}: {opt.name} does not use it (only {', '.join(methods)} "
-                f"do). Remove optimizer.{key} or change optimizer.name"
+                f"optimizer.{key}: {opt.name} does not use it (only "
+                f"{', '.join(methods.readers_of(key))} do). Remove optimizer.{key} or change "
+                "optimizer.name"
             )
-    if opt.name in BASELINE_METHODS and r.model.precision == "fp16":
+    if method.engine == "optimizer" and r.model.precision == "fp16":
         problems.append(
             f"model.precision: {opt.name} in pure fp16 has no loss scaling and no fp32 master "
             "weights (AdamW's eps underflows and a zero gradient becomes NaN on step 1). Set "
             "model.precision: bf16, fp32 or auto"
         )
-    if opt.lora is not None and opt.name not in ("qlora-sgd", "mezo"):
+    if opt.lora is not None and method.lora == "no":
+        with_lora = [n for n, m in methods.REGISTRY.items() if m.lora != "no"]
         problems.append(
             f"optimizer.lora: {opt.name} trains every parameter; LoRA adapters are for "
-            "qlora-sgd and mezo. Remove optimizer.lora or change optimizer.name"
+            f"{' and '.join(with_lora)}. Remove optimizer.lora or change optimizer.name"
         )
     return problems
 

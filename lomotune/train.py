@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import transformers
 
-from lomotune import __version__, distributed
+from lomotune import __version__, distributed, methods
 from lomotune.allocator import return_freed_memory
 from lomotune.checkpoint import (
     CheckpointError,
@@ -52,11 +52,10 @@ from lomotune.models import (
 )
 from lomotune.monitor import MemoryMeter, Throughput, format_bytes
 from lomotune.optim import build_engine, kernels
+from lomotune.optim.engine import Engine
 from lomotune.optim.schedule import lr_at
 from lomotune.precision import resolve_precision
 from lomotune.recipe import (
-    FUSED_METHODS,
-    METHOD_DEFAULTS,
     LoraConfig,
     Recipe,
     RecipeError,
@@ -98,7 +97,7 @@ class Run:
     loaded: LoadedModel
     data: PreparedData
     loader: BatchLoader
-    engine: Any  # FusedEngine | MezoEngine | OptimizerEngine: same surface
+    engine: Engine
     total_steps: int
     state: TrainingState
     dashboard: Dashboard
@@ -294,15 +293,16 @@ def setup(
         torch.set_num_threads(recipe.hardware.threads)
     seed_everything(recipe.training.seed)
     opt = recipe.optimizer
+    method = methods.method(opt.name)
     meter = MemoryMeter(device)
     auto_batch = recipe.training.batch_size == "auto"
     budget = estimate_for_run.device_budget(device) if auto_batch else None  # model not loaded
     # A sharded run reads the weights on rank 0 only; the other ranks get their shards.
     empty = world.is_distributed and not world.is_main and distributed.shards(recipe)
-    loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd", empty=empty)
+    loaded = load_model(recipe.model, device, quantize_4bit=method.quantized_base, empty=empty)
     model_config = loaded.model.config
-    lora = opt.lora if opt.lora is not None or opt.name != "qlora-sgd" else LoraConfig()
-    if lora is not None:  # qlora-sgd always trains adapters: QLoRA's defaults if none given
+    lora = opt.lora if opt.lora is not None or not method.trains_adapters_only else LoraConfig()
+    if lora is not None:  # adapter methods always train adapters: QLoRA's defaults if none given
         from lomotune.lora import add_lora_adapters
 
         loaded.model = add_lora_adapters(loaded.model, lora)
@@ -452,19 +452,18 @@ def auto_batch_size(
 def method_warnings(recipe: Recipe, device: torch.device) -> list[str]:
     """Settings that run, but probably not as the user hopes."""
     opt = recipe.optimizer
-    defaults = METHOD_DEFAULTS[opt.name]
+    defaults = methods.method(opt.name)
     low, high = defaults.usual_lr
     out = []
     if not low <= opt.lr <= high:
         out.append(
             f"optimizer.lr {opt.lr:g} is outside the usual range for {opt.name} "
-            f"({low:g} to {high:g}; default {defaults.lr:g}, {defaults.source})"
+            f"({low:g} to {high:g}; default {defaults.lr:g}, {defaults.lr_source})"
         )
-    fused = opt.name in ("lomo", "sgd", "qlora-sgd")
     if (
-        fused
+        defaults.plain_sgd_step
         and recipe.model.precision == "bf16"
-        and not (opt.stochastic_rounding and opt.name != "sgd")
+        and not (opt.stochastic_rounding and defaults.fused)
         and opt.lr < 1e-4
     ):
         out.append(
@@ -472,7 +471,7 @@ def method_warnings(recipe: Recipe, device: torch.device) -> list[str]:
             "updates are smaller than bf16's spacing and are lost. Use "
             "optimizer.stochastic_rounding: true (lomo), a larger lr, or model.precision: fp32"
         )
-    if opt.name in FUSED_METHODS and device.type != "cpu":
+    if defaults.fused and device.type != "cpu":
         why = kernels.why_not_compiled(device)  # builds the kernel once, before training
         if why:
             out.append(
@@ -584,7 +583,8 @@ def describe_run(run: Run) -> None:
         f"{run.total_steps} steps on {run.device.type}"
     )
     r = run.recipe
-    if r.optimizer.name == "mezo" and r.model.precision != "fp32" and r.optimizer.lora is None:
+    zeroth_order = methods.method(r.optimizer.name).engine == "zeroth-order"
+    if zeroth_order and r.model.precision != "fp32" and r.optimizer.lora is None:
         run.dashboard.warn(
             f"mezo perturbs the weights in place: in {r.model.precision} each step's +eps*z, -2eps*z, "
             "+eps*z drifts them by about one unit in the last place, more than a typical update. "

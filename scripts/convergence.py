@@ -51,10 +51,13 @@ import sys
 import time
 from pathlib import Path
 
+from lomotune import methods
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
-METHODS = ["lomo", "adalomo", "mezo", "qlora-sgd", "sgd", "adamw", "adam-mini"]
-DEFAULT_LR = {
+METHODS = list(methods.NAMES)
+# The quickstart's measured lrs; a method not listed runs at its registry default.
+QUICKSTART_LR = {
     "lomo": 3e-3,
     "sgd": 3e-3,
     "adalomo": 1e-3,
@@ -111,8 +114,8 @@ def lomotune_command(no_repack: bool = False) -> list[str]:
 def run_method(spec: str, args: argparse.Namespace, lrs: dict, extra: list[str]) -> dict:
     name, _, precision = spec.partition("@")
     precision = precision or DEFAULT_PRECISION.get(name, "bf16")
-    lr = float(lrs.get(spec, lrs.get(name, DEFAULT_LR[name])))
-    no_repack = args.bnb_no_repack and name == "qlora-sgd"
+    lr = float(lrs.get(spec, lrs.get(name, QUICKSTART_LR.get(name, methods.method(name).lr))))
+    no_repack = args.bnb_no_repack and methods.method(name).quantized_base
     label = spec + (" (no bnb CPU repack)" if no_repack else "")
     out_dir = Path(args.out) / (spec.replace("@", "-") + ("-norepack" if no_repack else ""))
     overrides = [
@@ -126,7 +129,7 @@ def run_method(spec: str, args: argparse.Namespace, lrs: dict, extra: list[str])
         "training.eval_every=0",
         "training.eval_batches=null",
     ]
-    if name == "qlora-sgd":
+    if methods.method(name).trains_adapters_only:
         overrides.append("optimizer.lora.r=64")
     overrides += extra
     cmd = [*lomotune_command(no_repack), "train", str(RECIPE), *overrides, "--plain", "--overwrite"]

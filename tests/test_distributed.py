@@ -319,10 +319,11 @@ def test_an_empty_model_has_the_structure_and_no_weights():
 def test_every_method_has_a_way_to_run_on_several_processes_and_is_tested_here():
     from typing import get_args
 
-    from lomotune.distributed import REPLICATED_METHODS, SHARDED_METHODS
+    from lomotune import methods
     from lomotune.recipe import MethodName
 
-    assert sorted(SHARDED_METHODS + REPLICATED_METHODS) == sorted(get_args(MethodName))
+    assert {m.processes for m in methods.REGISTRY.values()} <= {"sharded", "replicated"}
+    assert sorted(methods.NAMES) == sorted(get_args(MethodName))
     # sgd steps through the same engine and FSDP2 path as adamw
     assert set(get_args(MethodName)) - set(METHODS) == {"sgd"}
 

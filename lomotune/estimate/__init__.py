@@ -9,7 +9,7 @@ from dataclasses import replace
 from lomotune.estimate.analytic import METHODS, Estimate, EstimateError, Setup, Shape, estimate
 from lomotune.estimate.for_run import largest_fitting
 from lomotune.estimate.shapes import resolve_config, shape_of
-from lomotune.estimate.simulate import SimulationError, simulate_step
+from lomotune.estimate.simulate import SIMULATED_METHODS, SimulationError, simulate_step
 
 
 def simulated_estimate(config, setup: Setup) -> Estimate:
@@ -66,6 +66,7 @@ def max_batch(config, setup: Setup, gpu_gib: float, limit: int = 4096) -> int:
 
 __all__ = [
     "METHODS",
+    "SIMULATED_METHODS",
     "Estimate",
     "EstimateError",
     "Setup",

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lomotune import methods
 from lomotune.linear_cross_entropy import SLOPE_BLOCKS
 from lomotune.optim.slices import TEMP_BYTES_PER_ELEMENT, slice_bytes_for
 
 GiB = 1024**3
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-METHODS = ("lomo", "adalomo", "mezo", "qlora-sgd", "adamw", "sgd", "adam-mini")
-FUSED = ("lomo", "adalomo", "qlora-sgd")
+METHODS = methods.NAMES
 # CUDA context, cuBLAS workspaces and allocator slack: not tensors, not simulated; the
 # usual size of a fresh PyTorch CUDA context on an H100/A100 plus the caching allocator's
 # rounding of a training step (several hundred MiB each): shown apart, never hidden.
@@ -156,13 +156,15 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     c = min(setup.loss_chunk_tokens, n)
     h, v = shape.hidden, shape.vocab
     method = setup.method
+    entry = methods.method(method)
+    fused, adapters = entry.fused, entry.trains_adapters_only
     shard = setup.gpus  # FSDP: persistent per-parameter bytes divide over the ranks
 
     weights = _weights(shape, setup, a)
     state = _optimizer_state(shape, setup, a)
     gathered = _fsdp_gathered(shape, shard, a)
     weights_part = {"weights": weights // shard + gathered}
-    if method == "qlora-sgd":
+    if adapters:
         weights_part = {"weights": weights // shard + gathered, **_qlora_adapters(shape, setup)}
         weights_part["weights"] = weights_part.pop("weights")
     base = {**weights_part, "optimizer_state": state // shard}
@@ -181,23 +183,23 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         recompute = 0
     kept_parts = {"activations_kept": kept + final_norm + head_in + inputs}
 
-    if method == "mezo":
+    if entry.engine == "zeroth-order":
         # a loss forward's chunk: no slope (a forward has none)
         return _mezo(shape, setup, a, base, inputs, t, n, loss_chunk_bytes(c, v, a, False))
 
     head_grad = v * h * a
     largest_layer = max(shape.layer_matrices())
-    grads_all = shape.params() * a if method not in FUSED else 0
-    if method == "qlora-sgd":
+    grads_all = shape.params() * a if not fused else 0
+    if adapters:
         grads_all = 0
     phases: dict[str, dict[str, int]] = {}
     phases["loss backward"] = {
         **base,
         **kept_parts,
         "logits_loss": loss_chunk_bytes(c, v, a, shape.softcapped) + n * h * a,
-        "gradients": head_grad // (1 if method in FUSED else shard),
+        "gradients": head_grad // (1 if fused else shard),
     }
-    if method in FUSED and method != "qlora-sgd":
+    if fused and not adapters:
         if shape.tied:
             # the tied weight's hook fires last, after the embedding's backward: every
             # activation is gone by then
@@ -213,12 +215,13 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
                 "logits_loss": n * h * a,  # gradient of the loss input, alive until the body
                 "gradients": _fused_update_under_fsdp(v * h, setup, a),
             }
-    top_grads = {
-        "lomo": _fused_update_under_fsdp(largest_layer, setup, a),
-        "adalomo": _fused_update_under_fsdp(largest_layer, setup, a),
-        "qlora-sgd": 0,
-    }.get(method, (head_grad + shape.layer_params() * a) // shard)
-    if shape.tied and method in FUSED and method != "qlora-sgd":
+    if adapters:
+        top_grads = 0
+    elif fused:
+        top_grads = _fused_update_under_fsdp(largest_layer, setup, a)
+    else:
+        top_grads = (head_grad + shape.layer_params() * a) // shard
+    if shape.tied and fused and not adapters:
         top_grads += head_grad  # the tied embedding's gradient waits for the embedding
     phases["top layer recompute + backward"] = {
         **base,
@@ -226,7 +229,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         "layer_transient": recompute + layer_in + _backward_extra(shape, setup, a),
         "gradients": top_grads,
     }
-    if method not in FUSED:
+    if not fused:
         phases["bottom layer backward"] = {
             **base,
             "activations_kept": layer_in + inputs + (0 if setup.checkpointing else layer_saved),
@@ -262,7 +265,7 @@ def loss_chunk_bytes(chunk: int, vocab: int, a: int, softcapped: bool) -> int:
 
 
 def _weights(shape: Shape, setup: Setup, a: int) -> int:
-    if setup.method == "qlora-sgd":
+    if methods.method(setup.method).quantized_base:
         linear = shape.layers * sum(shape.layer_matrices())
         rest = shape.params() - linear
         return int(linear * NF4_BYTES_PER_WEIGHT) + rest * a

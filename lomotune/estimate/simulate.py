@@ -24,10 +24,12 @@ from functools import partial
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lomotune import methods
 from lomotune.recipe import ClipConfig, OptimizerConfig
 
 aten = torch.ops.aten
-SIMULATED_METHODS = ("lomo", "adalomo", "mezo", "qlora-sgd", "adamw", "sgd", "adam-mini")
+# bitsandbytes' 4-bit weights do not exist under fake tensors.
+SIMULATED_METHODS = tuple(n for n, m in methods.REGISTRY.items() if not m.quantized_base)
 # Not a training method: the forward and loss under torch.no_grad, the inference peak
 # that the fused methods are measured against.
 FORWARD_ONLY = "no_grad"
@@ -126,11 +128,11 @@ def simulate_step(
     from lomotune.models import DTYPES, causal_lm_loss
     from lomotune.recipe import ModelConfig
 
+    if method not in (*methods.NAMES, FORWARD_ONLY):
+        raise SimulationError(f"no method {method!r}; known: {', '.join(methods.NAMES)}")
     if method not in (*SIMULATED_METHODS, FORWARD_ONLY):
-        raise SimulationError(f"no method {method!r}; known: {', '.join(SIMULATED_METHODS)}")
-    if method == "qlora-sgd":
         raise SimulationError(
-            "qlora-sgd cannot be simulated: bitsandbytes' 4-bit weights do not exist under fake "
+            f"{method} cannot be simulated: bitsandbytes' 4-bit weights do not exist under fake "
             "tensors; use the analytic estimate (drop --simulate)"
         )
     if loss_chunk_tokens is None:

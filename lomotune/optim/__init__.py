@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from lomotune.optim.engine import DynamicLossScale, FusedEngine, LossFn
+from lomotune import methods
+from lomotune.optim.engine import DynamicLossScale, Engine, FusedEngine, LossFn
 from lomotune.recipe import Recipe
 
 
-def build_engine(recipe: Recipe, model: torch.nn.Module, loss_fn: LossFn):
+def build_engine(recipe: Recipe, model: torch.nn.Module, loss_fn: LossFn) -> Engine:
     opt = recipe.optimizer
     seed = recipe.training.seed
-    if opt.name in ("lomo", "qlora-sgd", "adalomo"):
+    method = methods.method(opt.name)
+    if method.fused:
         if opt.name == "adalomo":
             from lomotune.distributed import is_sharded, sum_over_ranks
             from lomotune.optim.adalomo import AdaLomoRule
@@ -48,7 +50,7 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, loss_fn: LossFn):
             loss_scale=scale,
             seed=seed,
         )
-    if opt.name == "mezo":
+    if method.engine == "zeroth-order":
         from lomotune.optim.mezo import MezoEngine
 
         return MezoEngine(

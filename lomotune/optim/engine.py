@@ -84,6 +84,26 @@ class UpdateRule(Protocol):
     ) -> None: ...
 
 
+class Engine(Protocol):
+    """What the trainer and checkpoints use of every engine (FusedEngine, MezoEngine,
+    OptimizerEngine): one training step, the loss alone (evaluation), and state that
+    resumes exactly."""
+
+    loss_fn: LossFn
+
+    def step(self, batches: list[Batch], lr: float) -> StepResult: ...
+
+    def state_dict(self, gather: bool = True) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def state_template(
+        self, saved: dict[str, tuple[torch.Size, torch.dtype]]
+    ) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class DynamicLossScale:
     """fp16 loss scaling: halve on overflow, double after `window` clean steps."""
 
