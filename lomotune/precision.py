@@ -100,3 +100,18 @@ def arm_has_bf16() -> bool:
             )
     except OSError:
         return False
+
+
+def under_autocast(loss_fn, precision: str, device_type: str):
+    """`loss_fn` with its forward under autocast to `precision` (bf16 or fp16): the mixed
+    precision of methods that keep fp32 master weights (the HF Trainer's `bf16=True`).
+    Matmuls run in the low precision; weights, their gradients and the optimizer state
+    stay fp32, so an update smaller than bf16's spacing still lands. Backward runs outside
+    the context, as torch.autocast asks."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    def loss_under_autocast(batch):
+        with torch.autocast(device_type, dtype=dtype):
+            return loss_fn(batch)
+
+    return loss_under_autocast

@@ -269,15 +269,15 @@ def combination_problems(r: Recipe) -> list[str]:
             )
     if method.engine == "optimizer" and r.model.precision == "fp16":
         problems.append(
-            f"model.precision: {opt.name} in pure fp16 has no loss scaling and no fp32 master "
-            "weights (AdamW's eps underflows and a zero gradient becomes NaN on step 1). Set "
+            f"model.precision: {opt.name} has no fp16 loss scaling (gradients underflow, and "
+            "in pure fp16 AdamW's eps does too: a zero gradient becomes NaN on step 1). Set "
             "model.precision: bf16, fp32 or auto"
         )
     if opt.lora is not None and method.lora == "no":
         with_lora = [n for n, m in methods.REGISTRY.items() if m.lora != "no"]
         problems.append(
             f"optimizer.lora: {opt.name} trains every parameter; LoRA adapters are for "
-            f"{' and '.join(with_lora)}. Remove optimizer.lora or change optimizer.name"
+            f"{', '.join(with_lora)}. Remove optimizer.lora or change optimizer.name"
         )
     return problems
 

@@ -299,7 +299,11 @@ def setup(
     budget = estimate_for_run.device_budget(device) if auto_batch else None  # model not loaded
     # A sharded run reads the weights on rank 0 only; the other ranks get their shards.
     empty = world.is_distributed and not world.is_main and distributed.shards(recipe)
-    loaded = load_model(recipe.model, device, quantize_4bit=method.quantized_base, empty=empty)
+    model_cfg = recipe.model
+    if method.fp32_master_weights and recipe.model.precision != "fp32":
+        # The weights are the fp32 master copy; the loss runs under autocast (build_engine).
+        model_cfg = recipe.model.model_copy(update={"precision": "fp32"})
+    loaded = load_model(model_cfg, device, quantize_4bit=method.quantized_base, empty=empty)
     model_config = loaded.model.config
     lora = opt.lora if opt.lora is not None or not method.trains_adapters_only else LoraConfig()
     if lora is not None:  # adapter methods always train adapters: QLoRA's defaults if none given

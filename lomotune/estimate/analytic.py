@@ -108,7 +108,10 @@ class Setup:
     attention: str = "sdpa"  # "sdpa" (flash / memory-efficient: no s^2 scores) | "eager"
     loss_chunk_tokens: int = 256
     device: str = "cuda"  # "cpu": torch's foreach AdamW keeps a parameter-sized temporary
-    mixed_precision: bool = False  # fp32 master weights + fp32 Adam states (LOMO paper)
+    # fp32 master weights + fp32 Adam states beside a low-precision model copy (the LOMO
+    # paper's AdamW and SGD); methods whose entry keeps fp32 master weights (adamw) are
+    # counted so below fp32 whatever this says (see `master_weights`).
+    mixed_precision: bool = False
     lora_rank: int = 64
 
 
@@ -144,8 +147,15 @@ def check_sizes(shape: Shape, setup: Setup) -> None:
         raise EstimateError(f"--gpus must be at least 1 for a GPU estimate; got {setup.gpus}")
     if setup.precision not in BYTES:
         raise EstimateError(f"precision must be bf16, fp16 or fp32; got {setup.precision!r}")
-    if setup.mixed_precision and setup.method not in ("adamw", "sgd"):
+    if setup.mixed_precision and setup.method not in ("adamw", "adamw-pure", "sgd"):
         raise EstimateError("fp32 master weights are counted for the adamw and sgd baselines only")
+
+
+def master_weights(setup: Setup) -> bool:
+    """Whether the step keeps fp32 master weights beside a low-precision copy."""
+    entry = methods.method(setup.method)
+    below_fp32 = setup.precision != "fp32"
+    return setup.mixed_precision or (entry.fp32_master_weights and below_fp32)
 
 
 def estimate(shape: Shape, setup: Setup) -> Estimate:
@@ -187,11 +197,16 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
         # a loss forward's chunk: no slope (a forward has none)
         return _mezo(shape, setup, a, base, inputs, t, n, loss_chunk_bytes(c, v, a, False))
 
-    head_grad = v * h * a
+    # Gradients are in the parameters' dtype: fp32 where the parameters are fp32 master
+    # weights under autocast (adamw below fp32).
+    g = 4 if entry.fp32_master_weights else a
+    head_grad = v * h * g
     largest_layer = max(shape.layer_matrices())
-    grads_all = shape.params() * a if not fused else 0
+    grads_all = shape.params() * g if not fused else 0
     if adapters:
-        grads_all = 0
+        # fp32 adapters' gradients (qlora-sgd's are applied inside backward)
+        grads_all = 0 if fused else _qlora_adapters(shape, setup)["lora_adapters"]
+        head_grad = 0
     phases: dict[str, dict[str, int]] = {}
     phases["loss backward"] = {
         **base,
@@ -220,7 +235,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
     elif fused:
         top_grads = _fused_update_under_fsdp(largest_layer, setup, a)
     else:
-        top_grads = (head_grad + shape.layer_params() * a) // shard
+        top_grads = (head_grad + shape.layer_params() * g) // shard
     if shape.tied and fused and not adapters:
         top_grads += head_grad  # the tied embedding's gradient waits for the embedding
     phases["top layer recompute + backward"] = {
@@ -234,7 +249,7 @@ def estimate(shape: Shape, setup: Setup) -> Estimate:
             **base,
             "activations_kept": layer_in + inputs + (0 if setup.checkpointing else layer_saved),
             "layer_transient": recompute + layer_in + _backward_extra(shape, setup, a),
-            "gradients": (grads_all - shape.embedding_params() * a) // shard,
+            "gradients": max(grads_all - shape.embedding_params() * g, 0) // shard,
         }
         # No phase for the embedding's backward: a tied weight's embedding rows are added
         # into the head's gradient (linear_cross_entropy.TiedGradient), so it holds every
@@ -269,6 +284,11 @@ def _weights(shape: Shape, setup: Setup, a: int) -> int:
         linear = shape.layers * sum(shape.layer_matrices())
         rest = shape.params() - linear
         return int(linear * NF4_BYTES_PER_WEIGHT) + rest * a
+    if methods.method(setup.method).fp32_master_weights:
+        # The parameters are the fp32 master weights; autocast's low-precision casts live
+        # inside the forward only (each layer's, recomputed in backward), never at the
+        # optimizer step, where the peak is: weights, gradients and state all fp32.
+        return shape.params() * 4
     if setup.mixed_precision:
         return shape.params() * (a + 4)  # model copy + fp32 master weights
     return shape.params() * a
@@ -287,8 +307,10 @@ def _qlora_adapters(shape: Shape, setup: Setup) -> dict[str, int]:
 
 def _optimizer_state(shape: Shape, setup: Setup, a: int) -> int:
     p = shape.params()
-    if setup.method == "adamw":
-        return p * (8 if setup.mixed_precision else 2 * a)
+    if setup.method in ("adamw", "adamw-pure"):
+        return p * (8 if master_weights(setup) else 2 * a)
+    if setup.method == "lora-adamw":
+        return 2 * _qlora_adapters(shape, setup)["lora_adapters"]  # fp32 m and v
     if setup.method == "adam-mini":
         # adam-mini 1.1: m for every weight, in the weights' dtype; v is one number per
         # block: per head for q and k, per output row (token, neuron) for the embedding,
@@ -402,9 +424,9 @@ def _backward_extra(shape: Shape, setup: Setup, a: int) -> int:
 
 def _step_temporary(shape: Shape, setup: Setup, a: int) -> int:
     p = shape.params()
-    if setup.method == "adamw":
+    if setup.method in ("adamw", "adamw-pure"):
         # torch's fused CUDA AdamW keeps none; foreach (CPU) a sqrt(v) of every parameter
-        return p * (4 if setup.mixed_precision else a) if setup.device == "cpu" else 0
+        return p * (4 if master_weights(setup) else a) if setup.device == "cpu" else 0
     if setup.method == "adam-mini":
         return 2 * shape.vocab * shape.hidden * a  # per-tensor loop: largest tensor's temps
     return 0

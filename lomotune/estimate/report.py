@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from lomotune.estimate.analytic import Estimate, GiB
 
@@ -46,10 +48,26 @@ def smallest_gpu(total_bytes: int) -> str:
     return f"{ok[0]}" if ok else "none"
 
 
-def table(estimates: list[Estimate], title: str) -> Table:
+# Methods side by side in one table: with the short labels, this many fit 80 columns.
+METHODS_PER_TABLE = 6
+
+
+def table(estimates: list[Estimate], title: str) -> Group:
     """One column per method: parts, tensor total, total with overhead, the smallest
-    common GPU it fits. Method names break at their hyphen and the labels are short, so
-    that seven methods fit an 80-column terminal; `peak_lines` says where each peaks."""
+    common GPU it fits. Method names break at their hyphen and the labels are short;
+    more than METHODS_PER_TABLE methods continue in a second table below, so that the
+    whole fits an 80-column terminal; `peak_lines` says where each peaks."""
+    step = METHODS_PER_TABLE
+    parts = [estimates[i : i + step] for i in range(0, len(estimates), step)]
+    tables = [_one_table(p, title if i == 0 else "") for i, p in enumerate(parts)]
+    sizes = "/".join(str(g) for g in GPU_SIZES_GIB)
+    fits = f"smallest GPU it fits, of {sizes} GiB: " + ", ".join(
+        f"{e.method} {smallest_gpu(e.total_bytes)}" for e in estimates
+    )
+    return Group(*tables, Text(fits))
+
+
+def _one_table(estimates: list[Estimate], title: str) -> Table:
     out = Table(
         title=title,
         title_justify="left",
@@ -67,11 +85,6 @@ def table(estimates: list[Estimate], title: str) -> Table:
     out.add_row("tensors at peak", *[gib(e.tensor_bytes) for e in estimates], style="bold")
     out.add_row(SHORT_LABELS["cuda_overhead"], *[gib(e.parts["cuda_overhead"]) for e in estimates])
     out.add_row("total", *[gib(e.total_bytes) for e in estimates], style="bold")
-    sizes = "/".join(str(g) for g in GPU_SIZES_GIB)
-    out.caption = f"smallest GPU it fits, of {sizes} GiB: " + ", ".join(
-        f"{e.method} {smallest_gpu(e.total_bytes)}" for e in estimates
-    )
-    out.caption_justify = "left"
     return out
 
 

@@ -28,8 +28,11 @@ from lomotune import methods
 from lomotune.recipe import ClipConfig, OptimizerConfig
 
 aten = torch.ops.aten
-# bitsandbytes' 4-bit weights do not exist under fake tensors.
-SIMULATED_METHODS = tuple(n for n, m in methods.REGISTRY.items() if not m.quantized_base)
+# bitsandbytes' 4-bit weights do not exist under fake tensors, and LoRA adapters are not
+# built in the simulated model: those methods have the analytic estimate only.
+SIMULATED_METHODS = tuple(
+    n for n, m in methods.REGISTRY.items() if not (m.quantized_base or m.lora == "required")
+)
 # Not a training method: the forward and loss under torch.no_grad, the inference peak
 # that the fused methods are measured against.
 FORWARD_ONLY = "no_grad"
@@ -126,21 +129,25 @@ def simulate_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lomotune.models import DTYPES, causal_lm_loss
+    from lomotune.precision import under_autocast
     from lomotune.recipe import ModelConfig
 
     if method not in (*methods.NAMES, FORWARD_ONLY):
         raise SimulationError(f"no method {method!r}; known: {', '.join(methods.NAMES)}")
     if method not in (*SIMULATED_METHODS, FORWARD_ONLY):
         raise SimulationError(
-            f"{method} cannot be simulated: bitsandbytes' 4-bit weights do not exist under fake "
-            "tensors; use the analytic estimate (drop --simulate)"
+            f"{method} cannot be simulated (its 4-bit weights or LoRA adapters are not built "
+            "under fake tensors); use the analytic estimate (drop --simulate)"
         )
     if loss_chunk_tokens is None:
         loss_chunk_tokens = ModelConfig().loss_chunk_tokens
     config = _training_config(config, attention)
     with FakeTensorMode(allow_non_fake_inputs=False), _NoValues():
         torch.manual_seed(0)
-        model = build_fake_model(config, DTYPES[precision])
+        autocast = method in methods.REGISTRY and methods.method(method).fp32_master_weights
+        autocast = autocast and precision != "fp32"
+        # fp32 master weights under autocast, as `lomotune train` runs them
+        model = build_fake_model(config, torch.float32 if autocast else DTYPES[precision])
         if checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -149,6 +156,8 @@ def simulate_step(
         ids = torch.randint(0, config.vocab_size, (batch_size, seq_len))
         batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
         loss_fn = partial(causal_lm_loss, model, chunk_tokens=loss_chunk_tokens)
+        if autocast:
+            loss_fn = under_autocast(loss_fn, precision, "cpu")
         engine = _build_engine(method, model, loss_fn, precision)
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is not None:

@@ -1,8 +1,10 @@
-"""The methods. One file per update rule; `build_engine` picks the engine for a recipe:
+"""The methods. One file per update rule; `build_engine` picks the engine for a recipe,
+by the kind its entry in methods.py declares:
 
 - fused (lomo, adalomo, qlora-sgd): `FusedEngine` + the method's update rule;
-- mezo: `MezoEngine`, forward passes only;
-- baselines (adamw, sgd, adam-mini): `OptimizerEngine` around a torch optimizer.
+- zeroth-order (mezo): `MezoEngine`, forward passes only;
+- optimizer (the baselines): `OptimizerEngine` around a torch optimizer; a method with
+  fp32 master weights (adamw) computes its loss under autocast below fp32.
 
 Every engine has the same surface: `step(batches, lr) -> StepResult`, `state_dict()`,
 `load_state_dict()`, `close()`.
@@ -21,6 +23,12 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, loss_fn: LossFn) -> Eng
     opt = recipe.optimizer
     seed = recipe.training.seed
     method = methods.method(opt.name)
+    precision = recipe.model.precision
+    if method.fp32_master_weights and precision != "fp32":
+        from lomotune.precision import under_autocast
+
+        device_type = next(model.parameters()).device.type
+        loss_fn = under_autocast(loss_fn, precision, device_type)
     if method.fused:
         if opt.name == "adalomo":
             from lomotune.distributed import is_sharded, sum_over_ranks

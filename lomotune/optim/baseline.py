@@ -24,7 +24,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     device = params[0].device
-    if cfg.name == "adamw":
+    if cfg.name in ("adamw", "adamw-pure", "lora-adamw"):
         # fused kernels on CUDA, foreach elsewhere: the fastest torch offers per device.
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(
