@@ -4,6 +4,8 @@ each shipped SuperGLUE recipe runs (tiny model, fixture files) and its output ev
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from lomotune.data.superglue import read_superglue
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue" / "official"
 RECIPES = Path(__file__).parents[1] / "lomotune" / "recipes"
+SCRIPTS = Path(__file__).parents[1] / "scripts"
 runner = CliRunner()
 
 
@@ -52,7 +55,66 @@ def test_unknown_task_and_missing_folder_are_data_errors(tmp_path):
         read_superglue("superglue:rte", "train", str(tmp_path), max_examples=None)
 
 
-@pytest.mark.parametrize("task", ["rte", "cb", "boolq", "copa"])
+SHIPPED = sorted(p.name for p in RECIPES.glob("superglue-*.yaml"))
+
+
+def test_the_shipped_superglue_recipes_are_what_their_tables_write():
+    # scripts/superglue_recipes.py holds each task's and method's settings once
+    check = subprocess.run(
+        [sys.executable, str(SCRIPTS / "superglue_recipes.py"), "--check"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout
+    assert len(SHIPPED) == 31  # 5 tasks x 6 methods, and BoolQ's LOMO recipe
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_superglue_recipe_trains_a_step_as_shipped(tmp_path, name):
+    # As shipped (precision, method, lr, schedule, LoRA), but the tiny model, one step, and
+    # the fixtures' val files as the train split (the fixtures have no train files), and
+    # room for the tiny tokenizer's longer token sequences.
+    trained = runner.invoke(
+        app,
+        ["train", str(RECIPES / name), "model.name=tiny-llama", f"data.superglue_dir={FIXTURES}",
+         "data.split=val", "data.max_length=256", "training.epochs=0.01",
+         f"training.output_dir={tmp_path / 'run'}",
+         "--plain"],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    assert "step 1/1" in trained.output
+
+
+def test_the_table_script_trains_scores_and_resumes_per_cell(tmp_path):
+    # A SuperGLUE folder with train files (the fixtures' val files as train): the
+    # held-out mode splits them, trains on the rest, scores the held-out part.
+    data = tmp_path / "superglue"
+    for task in ("CB", "COPA"):
+        (data / task).mkdir(parents=True)
+        rows = (FIXTURES / task / "val.jsonl").read_text()
+        (data / task / "train.jsonl").write_text(rows * 5)
+    out = tmp_path / "table"
+    cmd = [sys.executable, str(SCRIPTS / "superglue_table.py"), "--superglue-dir", str(data),
+           "--holdout", "--tasks", "cb,copa", "--methods", "zero-shot,lomo",
+           "--model", "tiny-llama", "--set", "training.epochs=0.2", "--out", str(out)]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    cells = sorted(p.name for p in (out / "holdout" / "cells").iterdir())
+    assert cells == ["cb-lomo.json", "cb-zero-shot.json", "copa-lomo.json", "copa-zero-shot.json"]
+    cb = json.loads((out / "holdout" / "cells" / "cb-lomo.json").read_text())
+    held = (out / "holdout" / "holdout" / "CB" / "val.jsonl").read_text().splitlines()
+    train = (out / "holdout" / "holdout" / "CB" / "train.jsonl").read_text().splitlines()
+    rows = (data / "CB" / "train.jsonl").read_text().splitlines()
+    assert len(held) == len(rows) // 5 and len(held) + len(train) == len(rows)
+    assert 0.0 <= cb["metrics"]["acc"] <= 1.0 and cb["overrides"] == ["training.epochs=0.2"]
+    assert "| lomo |" in first.stdout and "| zero-shot |" in first.stdout
+    again = subprocess.run([*cmd, "--write", str(tmp_path / "B.md")], capture_output=True,
+                           text=True)  # fmt: skip
+    assert again.returncode == 0 and "..." not in again.stdout  # every cell was kept
+    table = (tmp_path / "B.md").read_text()
+    assert table.startswith("\n<!-- superglue-table:begin -->") or "superglue-table:begin" in table
+
+
+@pytest.mark.parametrize("task", ["cb"])  # every recipe trains above; one also scores
 def test_shipped_superglue_recipe_trains_tiny_and_evaluates(tmp_path, task):
     out = tmp_path / "run"
     trained = runner.invoke(
@@ -64,6 +126,7 @@ def test_shipped_superglue_recipe_trains_tiny_and_evaluates(tmp_path, task):
             "model.precision=fp32",
             f"data.superglue_dir={FIXTURES}",
             "data.split=val",  # the fixtures have val files only
+            "training.epochs=null",  # the recipes train by epochs
             "training.max_steps=2",
             "training.eval_every=2",
             "training.save_every=2",
@@ -94,6 +157,7 @@ def test_eval_tasks_are_scored_at_each_eval(tmp_path):
             "model.precision=fp32",
             f"data.superglue_dir={FIXTURES}",
             "data.split=val",
+            "training.epochs=null",  # the recipes train by epochs
             "training.max_steps=2",
             "training.eval_every=1",
             "training.eval_tasks=[rte, cb]",
