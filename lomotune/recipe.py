@@ -190,7 +190,7 @@ def _batch_size(value: Any) -> Any:
 
 class TrainingConfig(Section):
     batch_size: Annotated[int | Literal["auto"], BeforeValidator(_batch_size)] = Field(
-        8, description="auto = the largest the memory estimate says fits the device"
+        8, description="auto = the largest the memory estimate fits, at most 1/16 of the rows"
     )
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)

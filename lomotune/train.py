@@ -424,7 +424,8 @@ def auto_batch_size(
     pad_id: int,
 ) -> tuple[int, str]:
     """`training.batch_size: auto`: the checkpoint's batch on a resume, else the largest
-    the memory estimate says fits the device (at most the training rows there are)."""
+    the memory estimate says fits the device, at most the batch that keeps an epoch of the
+    training rows 16 updates long (estimate.for_run.choose_batch_size)."""
     if checkpoint is not None:
         saved = read_training_state(checkpoint)[0].recipe["training"]["batch_size"]
         return saved, f"training.batch_size auto: {saved}, the batch of the checkpoint resumed"

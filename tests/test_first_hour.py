@@ -131,3 +131,34 @@ def test_an_unreadable_tokenizer_model_is_one_line_exit_2(tmp_path, sentencepiec
         assert f"{broken / 'tokenizer.model'} is not a sentencepiece model" in message
         assert "tiktoken" not in message and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# 2. training.batch_size: auto keeps a run a run (the CPU case: test_estimate_run.py)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+@pytest.mark.parametrize(("rows", "processes", "accumulation", "expected"), [
+    (900, 1, 1, 56),  # 900 // 16
+    (900, 2, 1, 56),  # a multiple of the processes
+    (900, 4, 1, 56),
+    (900, 1, 4, 14),  # four micro-batches an update: 900 // 64
+    (10, 2, 1, 2),  # fewer rows than 16 updates: one row a process
+])  # fmt: skip
+def test_batch_size_auto_keeps_16_updates_an_epoch(
+    device_type, rows, processes, accumulation, expected
+):
+    from lomotune.estimate.for_run import Budget, choose_batch_size
+    from lomotune.recipe import load_recipe
+    from lomotune.testing import tiny_llama
+
+    method = "adamw" if accumulation > 1 else "lomo"
+    recipe = load_recipe(
+        Path(TINY),
+        [f"optimizer.name={method}", f"optimizer.gradient_accumulation={accumulation}"],
+    )
+    huge = Budget(2**50, "a test budget of 1 PiB")
+    batch, why = choose_batch_size(recipe, tiny_llama().config, device_type, processes, huge, rows)
+    assert batch == expected
+    updates = rows // (expected * accumulation)
+    assert f"so that an epoch of the {rows} training rows is {updates} updates" in why
