@@ -190,11 +190,14 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run's output folder")])
 
 @app.command()
 def export(
-    adapter: Annotated[Path, typer.Argument(help="a qlora-sgd run's model folder (PEFT adapter)")],
+    adapter: Annotated[
+        Path, typer.Argument(help="a qlora-sgd run's folder, its model/ or a PEFT adapter folder")
+    ],
     out: Annotated[Path, typer.Argument(help="where to write the merged model")],
     merge: Annotated[bool, typer.Option(help="merge the adapter into the base weights")] = True,
     base: Annotated[
-        str | None, typer.Option(help="base model (default: the one the adapter names)")
+        str | None,
+        typer.Option(help="base model (default: the one the adapter or the run's recipe names)"),
     ] = None,
     precision: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,

@@ -4,6 +4,7 @@ suggestions that help, and the commands any CLI has."""
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,8 +114,6 @@ def test_a_sentencepiece_model_trains_and_evaluates(tmp_path, sentencepiece_mode
 
 
 def test_an_unreadable_tokenizer_model_is_one_line_exit_2(tmp_path, sentencepiece_model):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(sentencepiece_model, broken)
     (broken / "tokenizer.model").write_bytes(bytes(range(256)) * 3)
@@ -162,3 +161,108 @@ def test_batch_size_auto_keeps_16_updates_an_epoch(
     assert batch == expected
     updates = rows // (expected * accumulation)
     assert f"so that an epoch of the {rows} training rows is {updates} updates" in why
+
+
+# ---------------------------------------------------------------------------------------
+# 3. lomotune export on a run folder, its model/, or a run that has nothing to merge
+
+
+def train(out: Path, *overrides: str):
+    return runner.invoke(
+        app,
+        ["train", TINY, f"training.output_dir={out}", "hardware.threads=1", "training.eval_every=0",
+         "training.save_every=0", *overrides, "--plain"],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A qlora-sgd run on a saved base (named in its recipe) and a lomo run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lomotune.testing import tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("runs")
+    config = LlamaConfig(
+        vocab_size=105, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(d / "base")
+    tiny_tokenizer().save_pretrained(d / "base")
+    threads = torch.get_num_threads()
+    result = train(
+        d / "qlora", f"model.name={d / 'base'}", "model.precision=bf16", "optimizer.name=qlora-sgd",
+        "optimizer.lr=0.05", "optimizer.lora.r=4", "training.max_steps=2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = train(d / "lomo", "training.max_steps=1")
+    assert result.exit_code == 0, result.output
+    torch.set_num_threads(threads)
+    return d
+
+
+def exported_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_export_of_a_qlora_run_folder_reads_the_base_from_its_recipe(tmp_path, runs):
+    # The explicit form, as before: the adapter folder and --base.
+    reference = tmp_path / "reference"
+    result = runner.invoke(
+        app,
+        ["export", str(runs / "qlora" / "model"), str(reference), "--base", str(runs / "base"),
+         "--precision", "fp32"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    expected = exported_weights(reference)
+    # The run folder itself, no --base: the base the run's recipe.yaml names.
+    result = runner.invoke(app, ["export", str(runs / "qlora"), str(tmp_path / "a"), "--precision", "fp32"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    got = exported_weights(tmp_path / "a")
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # An adapter whose config lost the base's name (moved, or an alias): the recipe names it.
+    adapter = tmp_path / "run" / "model"
+    shutil.copytree(runs / "qlora" / "model", adapter)
+    shutil.copy(runs / "qlora" / "recipe.yaml", tmp_path / "run" / "recipe.yaml")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["export", str(adapter), str(tmp_path / "b"), "--precision", "fp32"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    got = exported_weights(tmp_path / "b")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # Neither names it: the message names --base.
+    (adapter / "lomotune_recipe.yaml").unlink()
+    (tmp_path / "run" / "recipe.yaml").unlink()
+    result = runner.invoke(app, ["export", str(adapter), str(tmp_path / "c")])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "names no base model" in message and "with --base" in message
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("where", ["lomo", "lomo/model"])
+def test_export_of_a_full_model_run_says_so(tmp_path, runs, where):
+    result = runner.invoke(app, ["export", str(runs / where), str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    message = " ".join(result.output.split())
+    assert message.startswith(f"error: {runs / 'lomo' / 'model'} is already a full model")
+    assert "a lomo run trained every weight: nothing to merge" in message
+    assert "save_adapter" not in message and "base" not in message.replace(str(runs), "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_folder_that_is_no_run_names_what_it_takes(tmp_path):
+    (tmp_path / "notes").mkdir()
+    result = runner.invoke(app, ["export", str(tmp_path / "notes"), str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "it is not a LoRA adapter" in message
+    assert "a qlora-sgd run's folder, its model/ folder, or a PEFT adapter folder" in message
+    assert "save_adapter" not in message
