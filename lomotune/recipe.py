@@ -403,6 +403,71 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError([describe_error(err, raw) for err in e.errors()], source) from None
 
 
+# The names other trainers (Hugging Face TrainingArguments, torchtune, axolotl, litgpt)
+# give lomotune's keys, by section: spelling is no guide to these (difflib takes
+# `learning_rate` for `decay_rate`), so they are looked up before the closest spelling.
+KEY_ALIASES: dict[str, dict[str, str]] = {
+    "": {"optim": "optimizer", "trainer": "training", "train": "training", "dataset": "data"},
+    "model": {
+        "model_name": "name",
+        "model_name_or_path": "name",
+        "pretrained_model_name_or_path": "name",
+        "path": "name",
+        "dtype": "precision",
+        "torch_dtype": "precision",
+        "gradient_checkpointing": "activation_checkpointing",
+    },
+    "data": {
+        "path": "source",
+        "dataset": "source",
+        "train_file": "source",
+        "data_files": "source",
+        "max_seq_length": "max_length",
+        "max_seq_len": "max_length",
+        "seq_len": "max_length",
+        "sequence_len": "max_length",
+        "cutoff_len": "max_length",
+        "block_size": "max_length",
+        "sample_packing": "packing",
+    },
+    "optimizer": {
+        "learning_rate": "lr",
+        "method": "name",
+        "optim": "name",
+        "type": "name",
+        "lr_scheduler": "schedule",
+        "lr_scheduler_type": "schedule",
+        "scheduler": "schedule",
+        "warmup": "warmup_steps",
+        "num_warmup_steps": "warmup_steps",
+        "max_grad_norm": "clip.max_norm",
+        "gradient_clipping": "clip.max_norm",
+        "gradient_accumulation_steps": "gradient_accumulation",
+        "grad_accum": "gradient_accumulation",
+        "adam_epsilon": "eps",
+        "epsilon": "eps",
+    },
+    "training": {
+        "per_device_train_batch_size": "batch_size",
+        "train_batch_size": "batch_size",
+        "micro_batch_size": "batch_size",
+        "num_train_epochs": "epochs",
+        "num_epochs": "epochs",
+        "steps": "max_steps",
+        "num_steps": "max_steps",
+        "max_iters": "max_steps",
+        "total_steps": "max_steps",
+        "output": "output_dir",
+        "out_dir": "output_dir",
+        "save_steps": "save_every",
+        "eval_steps": "eval_every",
+        "logging_steps": "log_every",
+        "save_total_limit": "keep_checkpoints",
+    },
+    "hardware": {"num_gpus": "gpus", "devices": "gpus", "num_threads": "threads"},
+}
+
+
 def describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) or "recipe"
@@ -410,7 +475,8 @@ def describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         parent = section_model(loc[:-1])
         known = list(parent.model_fields) if parent is not None else []
-        guess = difflib.get_close_matches(loc[-1], known, n=1)
+        alias = KEY_ALIASES.get(".".join(loc[:-1]), {}).get(loc[-1])
+        guess = [alias] if alias else difflib.get_close_matches(loc[-1], known, n=1)
         hint = (
             f"did you mean {'.'.join([*loc[:-1], guess[0]])}?"
             if guess

@@ -266,3 +266,25 @@ def test_export_of_a_folder_that_is_no_run_names_what_it_takes(tmp_path):
     assert "it is not a LoRA adapter" in message
     assert "a qlora-sgd run's folder, its model/ folder, or a PEFT adapter folder" in message
     assert "save_adapter" not in message
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Suggestions that do not mislead; no third-party noise the user cannot act on
+
+
+@pytest.mark.parametrize(("typed", "meant"), [
+    ("optimizer.learning_rate", "optimizer.lr"),  # difflib said decay_rate
+    ("optimizer.max_grad_norm", "optimizer.clip.max_norm"),
+    ("optimizer.gradient_accumulation_steps", "optimizer.gradient_accumulation"),
+    ("training.num_train_epochs", "training.epochs"),
+    ("training.per_device_train_batch_size", "training.batch_size"),
+    ("data.max_seq_length", "data.max_length"),
+    ("model.model_name_or_path", "model.name"),
+    ("optimizer.weight_decy", "optimizer.weight_decay"),  # a typo: the closest spelling
+])  # fmt: skip
+def test_unknown_keys_suggest_what_was_meant(typed, meant):
+    from lomotune.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(Path(TINY), [f"{typed}=1"])
+    assert caught.value.problems == [f"{typed}: unknown key; did you mean {meant}?"]
