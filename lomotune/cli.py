@@ -20,6 +20,31 @@ err = Console(stderr=True)
 SHIPPED_RECIPES = Path(__file__).parent / "recipes"
 
 
+def show_version(asked: bool) -> None:
+    if asked:
+        import platform
+
+        from lomotune import __version__
+
+        print(f"lomotune {__version__} (python {platform.python_version()})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def start(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=show_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Before any command: third-party messages the user cannot act on are silenced."""
+    from lomotune.quiet import silence_third_party_noise
+
+    silence_third_party_noise()
+
+
 def fail(message: str, code: int, echo: bool = True) -> None:
     """Exit with `code`; `echo=False` for an error that rank 0 of a run already printed.
     A process started by `lomotune train`'s launcher hands the message to the launcher,

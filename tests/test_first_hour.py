@@ -5,6 +5,8 @@ suggestions that help, and the commands any CLI has."""
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -288,3 +290,74 @@ def test_unknown_keys_suggest_what_was_meant(typed, meant):
     with pytest.raises(RecipeError) as caught:
         load_recipe(Path(TINY), [f"{typed}=1"])
     assert caught.value.problems == [f"{typed}: unknown key; did you mean {meant}?"]
+
+
+def lomotune(*args: str) -> subprocess.CompletedProcess:
+    """The real command in a fresh process: what a user's terminal shows, warnings and
+    library logging included (pytest's own capture would hide them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lomotune", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_no_third_party_noise_on_eval_and_export(tmp_path, runs):
+    result = lomotune(
+        "eval", "--model", "tiny-llama", "--tasks", "cb", "--data-dir", str(SUPERGLUE),
+        "--limit", "4", "--precision", "fp32",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "deprecated" not in result.stderr and "past_key_values" not in result.stderr
+    # A lomo run's export imports peft and with it bitsandbytes: one line, and only ours.
+    result = lomotune("export", str(runs / "lomo"), str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "kernels-community" not in result.stderr
+
+
+def test_silencing_is_by_message_not_by_library():
+    import logging
+    import warnings
+
+    from lomotune.quiet import silence_third_party_noise
+
+    shown = [
+        ("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning),
+        ("`is_gradient_checkpointing` is deprecated and will be removed in v6", FutureWarning),
+        ("`something_else` is deprecated and will be removed", FutureWarning),
+        ("`past_key_values` is deprecated and will be removed", UserWarning),
+    ]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # what a fresh process shows
+        silence_third_party_noise()
+        for message, category in shown:
+            warnings.warn(message, category, stacklevel=1)
+    assert [str(w.message) for w in seen] == [m for m, _ in shown[2:]]
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "x")
+        logger.warning("Something else bitsandbytes says")
+    finally:
+        logger.removeHandler(keep)
+    assert records == ["Something else bitsandbytes says"]
+
+
+# ---------------------------------------------------------------------------------------
+# 6. What any CLI has
+
+
+def test_version():
+    from lomotune import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.startswith(f"lomotune {__version__} (python ")
