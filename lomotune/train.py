@@ -196,7 +196,7 @@ def train_in(
         final_dir = save_final(run)
         summary = summarize(run, time.perf_counter() - started, final_dir)
         run.metrics.summary(run.state.step, summary)
-        run.dashboard.summary(summary)
+        run.dashboard.summary(summary_shown(summary))
     if world.is_main:
         plot_quietly(run)
     return summary
@@ -676,13 +676,17 @@ def evaluate_loss(run: Run) -> float | None:
 SAMPLES_SHOWN = 2  # generated answers shown next to the accuracy
 
 
-def generation_accuracy(run: Run, when: str) -> float:
+def generation_accuracy(run: Run, when: str) -> float | None:
+    """Exact match of generated answers on held-out prompts; None (no accuracy, rather
+    than a NaN in the summary) where the data format has no answers to match."""
     pairs = run.data.eval_pairs[: run.recipe.training.generate_eval_examples]
     if not pairs:
-        run.dashboard.warn(
-            "training.generate_eval_examples is set but this data format has no answers to match"
-        )
-        return float("nan")
+        if when.startswith("before") or run.resumed_from is not None:  # said once a run
+            run.dashboard.warn(
+                "training.generate_eval_examples is set but this data format has no answers "
+                "to match: no accuracy is measured"
+            )
+        return None
     # Several processes: each rank decodes its share of the prompts with the whole model
     # gathered (no collective inside generate), and the counts are summed.
     n, rank, size = len(pairs), run.world.rank, run.world.size
@@ -864,13 +868,45 @@ def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:
         "model_dir": str(final_dir),
     }
     for key in ("accuracy_before", "accuracy_after"):
-        if key in run.results:
+        if run.results.get(key) is not None:
             summary[key] = run.results[key]
-    last = run.dashboard.smoothed_loss
-    summary["final_loss"] = last
+    # final_loss is the smoothed loss (an EMA, bias-corrected): one batch's loss is noisy.
+    summary["final_loss"] = run.dashboard.smoothed_loss
+    summary["last_loss"] = run.dashboard.losses[-1] if run.dashboard.losses else None
     if run.world.is_main:
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def summary_shown(summary: dict[str, Any]) -> dict[str, Any]:
+    """The few lines printed at the end of a run, each under 80 columns; summary.json
+    holds every number (the estimate's parts, the peak per process, ...)."""
+    s = summary
+    shown: dict[str, Any] = {"method": s["method"], "steps": s["steps"]}
+    if s.get("final_loss") is not None:
+        shown["final_loss_smoothed"] = s["final_loss"]
+    shown["last_step_loss"] = s.get("last_loss")
+    for key in ("eval_loss", "accuracy_before", "accuracy_after"):
+        if s.get(key) is not None:
+            shown[key] = s[key]
+    tokens = f"{s['tokens_per_s'] or 0:,.0f}"
+    if s["world_size"] > 1:
+        tokens += f" ({s['tokens_per_s_per_process']:,.0f} a process, {s['world_size']} processes)"
+    shown["tokens_per_s"] = tokens
+    peak = f"{format_bytes(s['peak_memory'])} ({s['memory_kind']})"
+    predicted = s.get("peak_memory_predicted")
+    if s["memory_kind"].startswith("cuda") and predicted is not None:
+        peak += f", predicted {format_bytes(predicted)}"
+    shown["peak_memory"] = peak
+    if s.get("step_memory") is not None:  # a CPU run: RSS's rise within a step
+        shown["step_memory"] = (
+            f"{format_bytes(s['step_memory'])}, predicted {format_bytes(s['step_memory_predicted'])}"
+        )
+    if s.get("skipped_steps"):
+        shown["skipped_steps"] = s["skipped_steps"]
+    shown["wall_time"] = s["wall_time"]
+    shown["model_dir"] = s["model_dir"]
+    return shown
 
 
 def plot_quietly(run: Run) -> None:

@@ -14,6 +14,7 @@ import lomotune.train
 from lomotune.cli import app
 from lomotune.estimate import Setup, estimate, shape_of
 from lomotune.estimate.for_run import Budget
+from lomotune.monitor import format_bytes
 from lomotune.testing import tiny_llama
 
 TINY = str(Path(__file__).parents[1] / "lomotune" / "recipes" / "tiny.yaml")
@@ -52,9 +53,9 @@ def test_summary_holds_predicted_next_to_measured(tmp_path):
     assert summary["step_memory_predicted"] == expected.tensor_bytes - persistent
     assert 0 <= summary["step_memory"] <= summary["peak_memory"]
     assert summary["memory_kind"] == "process RSS"
-    # printed side by side, in the summary's order
-    text = result.output
-    assert text.index("peak memory:") < text.index("peak memory predicted (tensors):")
+    # printed side by side, on one line
+    step, predicted = (format_bytes(summary[k]) for k in ("step_memory", "step_memory_predicted"))
+    assert f"  step memory: {step}, predicted {predicted}\n" in result.output
 
 
 def test_batch_size_auto_takes_the_largest_the_estimate_fits(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ suggestions that help, and the commands any CLI has."""
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -361,3 +362,35 @@ def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.startswith(f"lomotune {__version__} (python ")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. The end-of-run summary: short and true
+
+
+def test_summary_is_short_true_and_fits_80_columns(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text((json.dumps(chat) + "\n") * 40)
+    out = tmp_path / "run"
+    result = train(
+        out, f"data.source={tmp_path / 'chat.jsonl'}", "data.format=chat",
+        "training.generate_eval_examples=4", "training.max_steps=3",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    printed = result.output[result.output.index("summary:") :].splitlines()[1:]
+    printed = [line for line in printed if line.startswith("  ")]
+    labels = [line.split(":")[0].strip() for line in printed]
+    assert labels == [
+        "method", "steps", "final loss (smoothed)", "last step's loss", "eval loss", "tokens/s",
+        "peak memory", "step memory", "wall time", "model dir",
+    ]  # fmt: skip
+    assert all(len(line) <= 80 for line in printed if "model dir" not in line)
+    assert not re.search(r"\bnan\b", result.output) and "accuracy after" not in result.output
+    assert result.output.count("has no answers to match") == 1  # said once, as a warning
+    # The numbers are the run's: the last step's loss as metrics.jsonl logged it.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r.get("kind") == "train"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["last_loss"] == losses[-1] and "accuracy_after" not in summary
+    assert f"  last step's loss: {losses[-1]:.4f}" in printed
+    assert f"  final loss (smoothed): {summary['final_loss']:.4f}" in printed
