@@ -7,6 +7,7 @@ Defaults live here, in the schema, and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,10 @@ class DataConfig(Section):
     completion_field: str = "completion"
     text_field: str = "text"
     messages_field: str = "messages"
+    chat_template: str | None = Field(
+        None,
+        description="a Jinja chat template, or a file holding one: replaces the tokenizer's",
+    )
     # Built-in generated datasets: how many examples; superglue:TASK: at most this many
     # train examples (a seed-0 sample, as the LOMO repository takes its 1000).
     num_examples: int = Field(2000, ge=1)
@@ -516,6 +521,11 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         candidate = base / src
         if candidate.exists():
             recipe.data.source = str(candidate)
+    template = recipe.data.chat_template  # a file beside the recipe (else a template)
+    if template and "{" not in template:
+        with contextlib.suppress(OSError):  # a name too long for a file is no file
+            if (base / template).is_file():
+                recipe.data.chat_template = str(base / template)
     folder = recipe.data.superglue_dir
     if folder is not None and not Path(folder).is_absolute() and (base / folder).is_dir():
         recipe.data.superglue_dir = str(base / folder)

@@ -38,6 +38,7 @@ from lomotune.checkpoint import (
 )
 from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
 from lomotune.data import BatchLoader, PreparedData, prepare_data
+from lomotune.data.chat_template import apply_chat_template
 from lomotune.distributed import World, any_rank, share_from_main
 from lomotune.estimate import Estimate, EstimateError
 from lomotune.estimate import for_run as estimate_for_run
@@ -306,8 +307,9 @@ def setup(
         from lomotune.lora import add_lora_adapters
 
         loaded.model = add_lora_adapters(loaded.model, lora)
+    apply_chat_template(loaded.tokenizer, recipe.data)
     data = prepare_data(recipe.data, loaded.tokenizer, seed=recipe.training.seed)
-    notes = []
+    notes = [threads_note(recipe)] if device.type == "cpu" else []
     if auto_batch:
         batch, why = share_from_main(  # one choice for every process
             world,
@@ -411,6 +413,16 @@ def setup(
         estimate_note=predicted_note,
         model_config=model_config,
     )
+
+
+def threads_note(recipe: Recipe) -> str:
+    """A CPU run's speed follows its torch thread count: say what it is and who chose it."""
+    who = (
+        "hardware.threads"
+        if recipe.hardware.threads
+        else "torch's default; hardware.threads sets it"
+    )
+    return f"torch threads: {torch.get_num_threads()} ({who})"
 
 
 def auto_batch_size(

@@ -394,3 +394,138 @@ def test_summary_is_short_true_and_fits_80_columns(tmp_path):
     assert summary["last_loss"] == losses[-1] and "accuracy_after" not in summary
     assert f"  last step's loss: {losses[-1]:.4f}" in printed
     assert f"  final loss (smoothed): {summary['final_loss']:.4f}" in printed
+
+
+def test_dry_run_reports_and_writes_nothing(tmp_path):
+    import yaml
+
+    from lomotune.estimate import Setup, estimate, shape_of
+    from lomotune.monitor import format_bytes
+    from lomotune.testing import tiny_llama
+
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", TINY, f"training.output_dir={out}", "hardware.threads=1", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    assert not out.exists()  # nothing written, nothing trained
+    recipe_text, report = result.output.split("\n\n", 1)
+    resolved = yaml.safe_load(recipe_text)
+    assert resolved["training"]["batch_size"] == 8 and resolved["model"]["precision"] == "fp32"
+    assert resolved["training"]["output_dir"] == str(out)
+    # tiny.yaml: 200 arithmetic examples, 10% held out; 20 steps of batch 8
+    assert "data: 180 train / 20 eval examples from builtin:arithmetic" in report
+    assert "steps: 20 of batch 8" in report
+    assert "torch threads: 1 (hardware.threads)" in report
+    expected = estimate(
+        shape_of(tiny_llama().config), Setup("lomo", 8, 48, precision="fp32", device="cpu")
+    )
+    assert f"memory estimate: {format_bytes(expected.tensor_bytes)}" in report
+    assert "step 1/" not in result.output
+
+
+def test_a_training_run_shows_its_thread_count(tmp_path):
+    result = train(tmp_path / "run", "training.max_steps=1", "hardware.threads=1")
+    assert result.exit_code == 0, result.output
+    assert "torch threads: 1 (hardware.threads)" in result.output
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """A model folder whose tokenizer has no chat template (as a base model's)."""
+    from lomotune.testing import tiny_llama, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("base-model")
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer(chat_template=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("given", ["string", "file"])
+def test_chat_template_gives_a_base_model_one(tmp_path, base_model, given):
+    import jinja2
+    import yaml
+    from transformers import AutoTokenizer
+
+    from lomotune.data import prepare_data
+    from lomotune.data.chat_template import apply_chat_template
+    from lomotune.recipe import load_recipe
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    (tmp_path / "chat.jsonl").write_text((json.dumps({"messages": messages}) + "\n") * 30)
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    recipe = yaml.safe_load(Path(TINY).read_text())
+    recipe["model"]["name"] = str(base_model)
+    recipe["data"] = {"source": "chat.jsonl", "format": "chat", "max_length": 48}
+    # a file beside the recipe, named relative to it (as data.source is)
+    recipe["data"]["chat_template"] = CHATML if given == "string" else "chatml.jinja"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    # The rows are rendered with the template: the first row, as Jinja itself renders it.
+    parsed = load_recipe(path, [])
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    apply_chat_template(tokenizer, parsed.data)
+    data = prepare_data(parsed.data, tokenizer, seed=0)
+    rendered = jinja2.Template(CHATML).render(messages=messages, add_generation_prompt=False)
+    assert tokenizer.decode(data.train[0].input_ids) == rendered  # every row is this one
+    # A run trains with it, and the trained model keeps it.
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["train", str(path), f"training.output_dir={out}", "training.max_steps=2",
+         "training.eval_every=0", "hardware.threads=1", "--plain"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template == CHATML
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("chatml", "data.chat_template: 'chatml' is neither a file nor a Jinja template"),
+    ("{% for m in messages %}{{ m }}", "data.chat_template: not a valid Jinja template (line 1:"),
+])  # fmt: skip
+def test_a_bad_chat_template_is_one_line_exit_2(tmp_path, base_model, value, fragment):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text((json.dumps(chat) + "\n") * 20)
+    result = runner.invoke(
+        app,
+        ["train", TINY, f"model.name={base_model}", f"data.source={tmp_path / 'chat.jsonl'}",
+         "data.format=chat", f"data.chat_template={value}", f"training.output_dir={tmp_path / 'o'}",
+         "hardware.threads=1", "--plain"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert fragment in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["recipes", "models"])
+def test_lists_print_whole_names_when_piped_at_80_columns(command):
+    from lomotune.cli import SHIPPED_RECIPES
+    from lomotune.models import BUILTIN_MODELS, TINY_ALIAS
+
+    result = runner.invoke(app, [command], env={"COLUMNS": "80"})  # not a terminal: a pipe
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    names = [p.stem for p in SHIPPED_RECIPES.glob("*.yaml")]
+    names = names if command == "recipes" else [*BUILTIN_MODELS, TINY_ALIAS]
+    cells = {cell.strip() for line in result.output.splitlines() for cell in line.split("│")}
+    assert set(names) <= cells
+    assert all(len(line) <= 80 for line in result.output.splitlines() if "│" in line)
+
+
+def test_readme_commands_work_from_any_folder(tmp_path, monkeypatch):
+    from lomotune.cli import find_recipe
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    named = re.findall(r"^\s+lomotune (?:train|estimate) ([^-\s]\S*)", readme, re.MULTILINE)
+    shipped = [n for n in named if n != "my.yaml"]  # my.yaml: the user's own recipe
+    assert "quickstart" in shipped or "recipes/quickstart.yaml" in shipped
+    monkeypatch.chdir(tmp_path)  # not the repository
+    for name in shipped:
+        assert find_recipe(name).is_file(), name
