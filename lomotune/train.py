@@ -910,6 +910,8 @@ def summary_shown(summary: dict[str, Any]) -> dict[str, Any]:
     if s["memory_kind"].startswith("cuda") and predicted is not None:
         peak += f", predicted {format_bytes(predicted)}"
     shown["peak_memory"] = peak
+    if s["world_size"] > 1:  # the peak above is the largest of any process
+        shown["peak_memory_spread"] = f"{format_bytes(s['peak_memory_spread'])} over the processes"
     if s.get("step_memory") is not None:  # a CPU run: RSS's rise within a step
         shown["step_memory"] = (
             f"{format_bytes(s['step_memory'])}, predicted {format_bytes(s['step_memory_predicted'])}"
