@@ -4,6 +4,7 @@ model's config and tokenizer are read, never its weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,7 +81,13 @@ def dry_run(recipe: Recipe, world_size: int = 1) -> str:
         lines.append(f"memory estimate: {format_bytes(needed)} (peak at {e.phase})")
     except EstimateError as err:
         lines.append(f"no memory estimate: {err}")
-    lines.append(f"dry run: nothing trained, nothing written to {t.output_dir}")
+    out = Path(t.output_dir)
+    if out.is_dir() and any(out.iterdir()):  # what `lomotune train` would say at start
+        lines.append(
+            f"{out} already holds files: a run needs --resume, --overwrite or another "
+            "training.output_dir"
+        )
+    lines.append(f"dry run: nothing trained, nothing written to {out}")
     return recipe_to_yaml(recipe) + "\n" + "\n".join(lines)
 
 

@@ -422,6 +422,13 @@ def test_dry_run_reports_and_writes_nothing(tmp_path):
     )
     assert f"memory estimate: {format_bytes(expected.tensor_bytes)}" in report
     assert "step 1/" not in result.output
+    # A folder that holds something: said, and left as it was.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["train", TINY, f"training.output_dir={out}", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"{out} already holds files: a run needs --resume, --overwrite" in result.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_a_training_run_shows_its_thread_count(tmp_path):
