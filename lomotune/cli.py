@@ -20,6 +20,31 @@ err = Console(stderr=True)
 SHIPPED_RECIPES = Path(__file__).parent / "recipes"
 
 
+def show_version(asked: bool) -> None:
+    if asked:
+        import platform
+
+        from lomotune import __version__
+
+        print(f"lomotune {__version__} (python {platform.python_version()})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def start(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=show_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Before any command: third-party messages the user cannot act on are silenced."""
+    from lomotune.quiet import silence_third_party_noise
+
+    silence_third_party_noise()
+
+
 def fail(message: str, code: int, echo: bool = True) -> None:
     """Exit with `code`; `echo=False` for an error that rank 0 of a run already printed.
     A process started by `lomotune train`'s launcher hands the message to the launcher,
@@ -57,6 +82,12 @@ def train(
         bool, typer.Option(help="resume even if the recipe differs from the checkpoint's")
     ] = False,
     plain: Annotated[bool, typer.Option(help="plain log lines instead of the live view")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="print the resolved recipe, data counts, steps and memory estimate, then exit"
+        ),
+    ] = False,
     nodes: Annotated[int | None, typer.Option(help="hardware.nodes: machines in the run")] = None,
     node_rank: Annotated[
         int | None, typer.Option(help="hardware.node_rank: this machine's number")
@@ -88,6 +119,12 @@ def train(
     flags = [f"--{name}" for name, on in [("overwrite", overwrite), ("resume", resume), ("force", force), ("plain", plain)] if on]  # fmt: skip
     try:
         parsed = load_recipe(find_recipe(recipe), overrides)
+        if dry_run:  # before any process is launched: one report, nothing written
+            from lomotune.dry_run import dry_run as describe
+
+            size = distributed.processes_per_node(parsed.hardware) * parsed.hardware.nodes
+            print(describe(parsed, size))
+            return
         if distributed.needs_launch(parsed):
             size = distributed.processes_per_node(parsed.hardware) * parsed.hardware.nodes
             refused = distributed.refusal(parsed, size)
@@ -128,7 +165,11 @@ def recipes() -> None:
     """List the shipped recipes."""
     import yaml
 
-    table = Table("name", "method", "model", "data", "path")
+    # Names are never cut (a pipe or an 80-column terminal cut them with "..."); the
+    # folder is one line below, where it can be copied whole.
+    table = Table("name", "method", "model", "data")
+    for column in table.columns:
+        column.overflow = "fold"  # narrower than 80 columns: the rest on the next line
     for path in sorted(SHIPPED_RECIPES.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text()) or {}
         table.add_row(
@@ -136,9 +177,14 @@ def recipes() -> None:
             str(raw.get("optimizer", {}).get("name", "lomo")),
             str(raw.get("model", {}).get("name", "smollm2-135m")),
             str(raw.get("data", {}).get("source", "")),
-            str(path),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(
+        f"run one by name from any folder (lomotune train quickstart); the files: {SHIPPED_RECIPES}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -164,17 +210,21 @@ def models(
             fetch_builtin(BUILTIN_MODELS[fetch])
         except ModelError as e:
             fail(str(e), 2)
-    table = Table("alias", "description", "cached")
+    # Aliases are never cut and descriptions wrap (no "..."); the cache folder is one line
+    # below, where it can be copied whole.
+    table = Table("alias", "cached", "description")
+    for column in table.columns:
+        column.overflow = "fold"
     for alias, m in BUILTIN_MODELS.items():
-        table.add_row(
-            alias,
-            m.description,
-            str(builtin_path(alias)) if is_cached(alias) else "no (fetched on first use)",
-        )
-    table.add_row(
-        TINY_ALIAS, "2-layer Llama with random weights, built in memory (tests)", "always"
+        table.add_row(alias, "yes" if is_cached(alias) else "no", m.description)
+    table.add_row(TINY_ALIAS, "-", "2-layer Llama with random weights, built in memory (tests)")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"cached in {builtin_path('x').parent} (a model not cached is fetched on first use)",
+        highlight=False,
+        soft_wrap=True,
     )
-    Console().print(table)
 
 
 @app.command()
@@ -190,11 +240,14 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run's output folder")])
 
 @app.command()
 def export(
-    adapter: Annotated[Path, typer.Argument(help="a qlora-sgd run's model folder (PEFT adapter)")],
+    adapter: Annotated[
+        Path, typer.Argument(help="a qlora-sgd run's folder, its model/ or a PEFT adapter folder")
+    ],
     out: Annotated[Path, typer.Argument(help="where to write the merged model")],
     merge: Annotated[bool, typer.Option(help="merge the adapter into the base weights")] = True,
     base: Annotated[
-        str | None, typer.Option(help="base model (default: the one the adapter names)")
+        str | None,
+        typer.Option(help="base model (default: the one the adapter or the run's recipe names)"),
     ] = None,
     precision: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,

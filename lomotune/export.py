@@ -48,10 +48,45 @@ def adapter_base_model(adapter_dir: str | Path) -> str | None:
     config = Path(adapter_dir) / "adapter_config.json"
     if not config.exists():
         raise ExportError(
-            f"{adapter_dir} has no adapter_config.json; point it at a folder written by save_adapter "
-            "(a qlora-sgd run's output folder or checkpoint)"
+            f"{adapter_dir} has no adapter_config.json: it is not a LoRA adapter. Point "
+            "lomotune export at a qlora-sgd run's folder, its model/ folder, or a PEFT adapter folder"
         )
     return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """What `lomotune export` is pointed at -> the adapter folder: a run folder (its
+    final `model/`) or an adapter folder itself. A run that trained every weight (lomo,
+    adalomo, mezo, ...) has nothing to merge: its model/ is already the full model."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such folder; point lomotune export at a qlora-sgd run")
+    if not (path / "adapter_config.json").exists() and (path / "model").is_dir():
+        path = path / "model"  # a run folder
+    if not (path / "adapter_config.json").exists() and (path / "config.json").exists():
+        method = run_recipe(path).get("optimizer", {}).get("name")
+        trained = f"a {method} run trained every weight: " if method else ""
+        raise ExportError(
+            f"{path} is already a full model ({trained}nothing to merge); it loads as it is "
+            f"with transformers or `lomotune eval --model {path}`"
+        )
+    adapter_base_model(path)  # says what is wrong with a folder that is no adapter
+    return path
+
+
+def run_recipe(adapter_dir: Path) -> dict:
+    """The resolved recipe of the run that wrote `adapter_dir` (its model/ holds a copy,
+    the run folder the original); {} when there is none."""
+    import yaml
+
+    for candidate in (adapter_dir / "lomotune_recipe.yaml", adapter_dir.parent / "recipe.yaml"):
+        if candidate.is_file():
+            try:
+                recipe = yaml.safe_load(candidate.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError):
+                continue
+            return recipe if isinstance(recipe, dict) else {}
+    return {}
 
 
 def merge_adapter(
@@ -64,8 +99,9 @@ def merge_adapter(
     trust_remote_code: bool = False,
 ) -> Path:
     """Load the base (`base_model`: a folder, built-in alias or hub id; None = the one
-    named in the adapter's config) in `precision`, apply the adapters, merge them into
-    its weights and save model + tokenizer as safetensors in `out_dir`.
+    named in the adapter's config, else in its run's recipe) in `precision`, apply the
+    adapters (`adapter_dir`: a qlora-sgd run's folder or an adapter folder), merge them
+    into its weights and save model + tokenizer as safetensors in `out_dir`.
 
     Written to a temporary folder beside `out_dir` and renamed when complete."""
     from peft import PeftModel
@@ -75,20 +111,23 @@ def merge_adapter(
             f"precision {precision!r}: merge into the original weights in one of {', '.join(DTYPES)}; "
             "merging into a 4-bit base would round the adapters' update away"
         )
+    adapter_dir = adapter_folder(adapter_dir)
     out = check_output_dir(out_dir, overwrite)
-    adapter_dir = Path(adapter_dir).expanduser()
-    if out.resolve() == adapter_dir.resolve():
+    if out.resolve() in (adapter_dir.resolve(), adapter_dir.parent.resolve()):
         raise OutputExistsError(
-            f"{out} is the adapter folder itself; write the merged model to another folder"
+            f"{out} is the run's or the adapter's own folder; write the merged model to another folder"
         )
-    named = adapter_base_model(adapter_dir)
     if base_model is None:
-        if named is None:
+        # The adapter's config names the base's folder or hub id; a run's recipe names
+        # the model.name it was trained on (also an alias, or a base the config lost).
+        named = adapter_base_model(adapter_dir)
+        trained_on = run_recipe(adapter_dir).get("model", {}).get("name")
+        base_model = named or trained_on
+        if base_model is None:
             raise ExportError(
-                f"{adapter_dir}/adapter_config.json names no base model; pass the base model "
-                "(the model.name the adapters were trained on)"
+                f"{adapter_dir}/adapter_config.json names no base model and no run recipe is "
+                "beside it; pass the model the adapters were trained on with --base"
             )
-        base_model = named
 
     cfg = ModelConfig(
         name=str(base_model),

@@ -178,7 +178,7 @@ def load_model(
     when asked. `quantize_4bit` loads the base in NF4 (qlora-sgd). `empty`: the model's
     structure on the meta device, no weights read (a rank of a sharded run other than 0:
     it receives its shards from rank 0 after `fully_shard`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.precision not in DTYPES:  # "auto" is resolved for the device first
         raise ValueError(
@@ -206,10 +206,8 @@ def load_model(
             )
             if device.type == "cuda":
                 kwargs["device_map"] = {"": device.index or 0}
+        tokenizer = load_tokenizer(cfg.name, source, cfg.trust_remote_code)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                source, trust_remote_code=cfg.trust_remote_code
-            )
             if empty:
                 config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
                 with torch.device("meta"):
@@ -237,6 +235,45 @@ def load_model(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(source))
+
+
+def load_tokenizer(name: str, source: Path | str, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or hub id; one line naming the cause when it cannot
+    be read. A folder holding only a sentencepiece `tokenizer.model` (LLaMA-1/2 era) is
+    converted by transformers, which needs sentencepiece and protobuf (dependencies)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, RuntimeError, TypeError) as e:
+        # transformers reports an unreadable tokenizer.model as "tiktoken is required"
+        # (its last guess at the file's format): name the file instead.
+        spm = Path(str(source)) / "tokenizer.model"
+        if spm.is_file() and not (Path(str(source)) / "tokenizer.json").is_file():
+            if not all(_importable(m) for m in ("sentencepiece", "google.protobuf")):
+                raise ModelError(
+                    f"the tokenizer of model {name!r} is a sentencepiece {spm.name}, which needs "
+                    "sentencepiece and protobuf: pip install sentencepiece protobuf"
+                ) from None
+            raise ModelError(
+                f"could not load the tokenizer of model {name!r}: {spm} is not a sentencepiece "
+                "model that sentencepiece can read (damaged or another format); replace it with "
+                "the model's original tokenizer files"
+            ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"could not load the tokenizer of model {name!r} from {source}: {first}. "
+            "Check that the folder holds the model's tokenizer files"
+        ) from None
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or blocked
+        return False
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Defaults live here, in the schema, and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -74,6 +75,10 @@ class DataConfig(Section):
     completion_field: str = "completion"
     text_field: str = "text"
     messages_field: str = "messages"
+    chat_template: str | None = Field(
+        None,
+        description="a Jinja chat template, or a file holding one: replaces the tokenizer's",
+    )
     # Built-in generated datasets: how many examples; superglue:TASK: at most this many
     # train examples (a seed-0 sample, as the LOMO repository takes its 1000).
     num_examples: int = Field(2000, ge=1)
@@ -149,7 +154,7 @@ def _batch_size(value: Any) -> Any:
 
 class TrainingConfig(Section):
     batch_size: Annotated[int | Literal["auto"], BeforeValidator(_batch_size)] = Field(
-        8, description="auto = the largest the memory estimate says fits the device"
+        8, description="auto = the largest the memory estimate fits, at most 1/16 of the rows"
     )
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
@@ -365,6 +370,71 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError([describe_error(err, raw) for err in e.errors()], source) from None
 
 
+# The names other trainers (Hugging Face TrainingArguments, torchtune, axolotl, litgpt)
+# give lomotune's keys, by section: spelling is no guide to these (difflib takes
+# `learning_rate` for `decay_rate`), so they are looked up before the closest spelling.
+KEY_ALIASES: dict[str, dict[str, str]] = {
+    "": {"optim": "optimizer", "trainer": "training", "train": "training", "dataset": "data"},
+    "model": {
+        "model_name": "name",
+        "model_name_or_path": "name",
+        "pretrained_model_name_or_path": "name",
+        "path": "name",
+        "dtype": "precision",
+        "torch_dtype": "precision",
+        "gradient_checkpointing": "activation_checkpointing",
+    },
+    "data": {
+        "path": "source",
+        "dataset": "source",
+        "train_file": "source",
+        "data_files": "source",
+        "max_seq_length": "max_length",
+        "max_seq_len": "max_length",
+        "seq_len": "max_length",
+        "sequence_len": "max_length",
+        "cutoff_len": "max_length",
+        "block_size": "max_length",
+        "sample_packing": "packing",
+    },
+    "optimizer": {
+        "learning_rate": "lr",
+        "method": "name",
+        "optim": "name",
+        "type": "name",
+        "lr_scheduler": "schedule",
+        "lr_scheduler_type": "schedule",
+        "scheduler": "schedule",
+        "warmup": "warmup_steps",
+        "num_warmup_steps": "warmup_steps",
+        "max_grad_norm": "clip.max_norm",
+        "gradient_clipping": "clip.max_norm",
+        "gradient_accumulation_steps": "gradient_accumulation",
+        "grad_accum": "gradient_accumulation",
+        "adam_epsilon": "eps",
+        "epsilon": "eps",
+    },
+    "training": {
+        "per_device_train_batch_size": "batch_size",
+        "train_batch_size": "batch_size",
+        "micro_batch_size": "batch_size",
+        "num_train_epochs": "epochs",
+        "num_epochs": "epochs",
+        "steps": "max_steps",
+        "num_steps": "max_steps",
+        "max_iters": "max_steps",
+        "total_steps": "max_steps",
+        "output": "output_dir",
+        "out_dir": "output_dir",
+        "save_steps": "save_every",
+        "eval_steps": "eval_every",
+        "logging_steps": "log_every",
+        "save_total_limit": "keep_checkpoints",
+    },
+    "hardware": {"num_gpus": "gpus", "devices": "gpus", "num_threads": "threads"},
+}
+
+
 def describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) or "recipe"
@@ -372,7 +442,8 @@ def describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         parent = section_model(loc[:-1])
         known = list(parent.model_fields) if parent is not None else []
-        guess = difflib.get_close_matches(loc[-1], known, n=1)
+        alias = KEY_ALIASES.get(".".join(loc[:-1]), {}).get(loc[-1])
+        guess = [alias] if alias else difflib.get_close_matches(loc[-1], known, n=1)
         hint = (
             f"did you mean {'.'.join([*loc[:-1], guess[0]])}?"
             if guess
@@ -412,6 +483,11 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         candidate = base / src
         if candidate.exists():
             recipe.data.source = str(candidate)
+    template = recipe.data.chat_template  # a file beside the recipe (else a template)
+    if template and "{" not in template:
+        with contextlib.suppress(OSError):  # a name too long for a file is no file
+            if (base / template).is_file():
+                recipe.data.chat_template = str(base / template)
     folder = recipe.data.superglue_dir
     if folder is not None and not Path(folder).is_absolute() and (base / folder).is_dir():
         recipe.data.superglue_dir = str(base / folder)

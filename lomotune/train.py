@@ -38,6 +38,7 @@ from lomotune.checkpoint import (
 )
 from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
 from lomotune.data import BatchLoader, PreparedData, prepare_data
+from lomotune.data.chat_template import apply_chat_template
 from lomotune.distributed import World, any_rank, share_from_main
 from lomotune.estimate import Estimate, EstimateError
 from lomotune.estimate import for_run as estimate_for_run
@@ -195,7 +196,7 @@ def train_in(
         final_dir = save_final(run)
         summary = summarize(run, time.perf_counter() - started, final_dir)
         run.metrics.summary(run.state.step, summary)
-        run.dashboard.summary(summary)
+        run.dashboard.summary(summary_shown(summary))
     if world.is_main:
         plot_quietly(run)
     return summary
@@ -310,8 +311,9 @@ def setup(
         from lomotune.lora import add_lora_adapters
 
         loaded.model = add_lora_adapters(loaded.model, lora)
+    apply_chat_template(loaded.tokenizer, recipe.data)
     data = prepare_data(recipe.data, loaded.tokenizer, seed=recipe.training.seed)
-    notes = []
+    notes = [threads_note(recipe)] if device.type == "cpu" else []
     if auto_batch:
         batch, why = share_from_main(  # one choice for every process
             world,
@@ -417,6 +419,16 @@ def setup(
     )
 
 
+def threads_note(recipe: Recipe) -> str:
+    """A CPU run's speed follows its torch thread count: say what it is and who chose it."""
+    who = (
+        "hardware.threads"
+        if recipe.hardware.threads
+        else "torch's default; hardware.threads sets it"
+    )
+    return f"torch threads: {torch.get_num_threads()} ({who})"
+
+
 def auto_batch_size(
     recipe: Recipe,
     config,
@@ -428,7 +440,8 @@ def auto_batch_size(
     pad_id: int,
 ) -> tuple[int, str]:
     """`training.batch_size: auto`: the checkpoint's batch on a resume, else the largest
-    the memory estimate says fits the device (at most the training rows there are)."""
+    the memory estimate says fits the device, at most the batch that keeps an epoch of the
+    training rows 16 updates long (estimate.for_run.choose_batch_size)."""
     if checkpoint is not None:
         saved = read_training_state(checkpoint)[0].recipe["training"]["batch_size"]
         return saved, f"training.batch_size auto: {saved}, the batch of the checkpoint resumed"
@@ -679,13 +692,17 @@ def evaluate_loss(run: Run) -> float | None:
 SAMPLES_SHOWN = 2  # generated answers shown next to the accuracy
 
 
-def generation_accuracy(run: Run, when: str) -> float:
+def generation_accuracy(run: Run, when: str) -> float | None:
+    """Exact match of generated answers on held-out prompts; None (no accuracy, rather
+    than a NaN in the summary) where the data format has no answers to match."""
     pairs = run.data.eval_pairs[: run.recipe.training.generate_eval_examples]
     if not pairs:
-        run.dashboard.warn(
-            "training.generate_eval_examples is set but this data format has no answers to match"
-        )
-        return float("nan")
+        if when.startswith("before") or run.resumed_from is not None:  # said once a run
+            run.dashboard.warn(
+                "training.generate_eval_examples is set but this data format has no answers "
+                "to match: no accuracy is measured"
+            )
+        return None
     # Several processes: each rank decodes its share of the prompts with the whole model
     # gathered (no collective inside generate), and the counts are summed.
     n, rank, size = len(pairs), run.world.rank, run.world.size
@@ -867,13 +884,47 @@ def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:
         "model_dir": str(final_dir),
     }
     for key in ("accuracy_before", "accuracy_after"):
-        if key in run.results:
+        if run.results.get(key) is not None:
             summary[key] = run.results[key]
-    last = run.dashboard.smoothed_loss
-    summary["final_loss"] = last
+    # final_loss is the smoothed loss (an EMA, bias-corrected): one batch's loss is noisy.
+    summary["final_loss"] = run.dashboard.smoothed_loss
+    summary["last_loss"] = run.dashboard.losses[-1] if run.dashboard.losses else None
     if run.world.is_main:
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def summary_shown(summary: dict[str, Any]) -> dict[str, Any]:
+    """The few lines printed at the end of a run, each under 80 columns; summary.json
+    holds every number (the estimate's parts, the peak per process, ...)."""
+    s = summary
+    shown: dict[str, Any] = {"method": s["method"], "steps": s["steps"]}
+    if s.get("final_loss") is not None:
+        shown["final_loss_smoothed"] = s["final_loss"]
+    shown["last_step_loss"] = s.get("last_loss")
+    for key in ("eval_loss", "accuracy_before", "accuracy_after"):
+        if s.get(key) is not None:
+            shown[key] = s[key]
+    tokens = f"{s['tokens_per_s'] or 0:,.0f}"
+    if s["world_size"] > 1:
+        tokens += f" ({s['tokens_per_s_per_process']:,.0f} a process, {s['world_size']} processes)"
+    shown["tokens_per_s"] = tokens
+    peak = f"{format_bytes(s['peak_memory'])} ({s['memory_kind']})"
+    predicted = s.get("peak_memory_predicted")
+    if s["memory_kind"].startswith("cuda") and predicted is not None:
+        peak += f", predicted {format_bytes(predicted)}"
+    shown["peak_memory"] = peak
+    if s["world_size"] > 1:  # the peak above is the largest of any process
+        shown["peak_memory_spread"] = f"{format_bytes(s['peak_memory_spread'])} over the processes"
+    if s.get("step_memory") is not None:  # a CPU run: RSS's rise within a step
+        shown["step_memory"] = (
+            f"{format_bytes(s['step_memory'])}, predicted {format_bytes(s['step_memory_predicted'])}"
+        )
+    if s.get("skipped_steps"):
+        shown["skipped_steps"] = s["skipped_steps"]
+    shown["wall_time"] = s["wall_time"]
+    shown["model_dir"] = s["model_dir"]
+    return shown
 
 
 def plot_quietly(run: Run) -> None:

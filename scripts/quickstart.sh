@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
-lomotune train recipes/quickstart.yaml "training.output_dir=runs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"
+lomotune train quickstart "training.output_dir=runs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"

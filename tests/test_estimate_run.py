@@ -14,6 +14,7 @@ import lomotune.train
 from lomotune.cli import app
 from lomotune.estimate import Setup, estimate, shape_of
 from lomotune.estimate.for_run import Budget
+from lomotune.monitor import format_bytes
 from lomotune.testing import tiny_llama
 
 TINY = str(Path(__file__).parents[1] / "lomotune" / "recipes" / "tiny.yaml")
@@ -52,9 +53,9 @@ def test_summary_holds_predicted_next_to_measured(tmp_path):
     assert summary["step_memory_predicted"] == expected.tensor_bytes - persistent
     assert 0 <= summary["step_memory"] <= summary["peak_memory"]
     assert summary["memory_kind"] == "process RSS"
-    # printed side by side, in the summary's order
-    text = result.output
-    assert text.index("peak memory:") < text.index("peak memory predicted (tensors):")
+    # printed side by side, on one line
+    step, predicted = (format_bytes(summary[k]) for k in ("step_memory", "step_memory_predicted"))
+    assert f"  step memory: {step}, predicted {predicted}\n" in result.output
 
 
 def test_batch_size_auto_takes_the_largest_the_estimate_fits(tmp_path, monkeypatch):
@@ -63,21 +64,28 @@ def test_batch_size_auto_takes_the_largest_the_estimate_fits(tmp_path, monkeypat
     assert at_20 < at_21
     fixed_budget(monkeypatch, (at_20 + at_21) // 2)
     out = tmp_path / "run"
-    result = train(out, "training.max_steps=1", "training.batch_size=auto")
+    # 2000 examples: 1800 training rows, where 1/16 (112) is above what memory allows
+    result = train(
+        out, "training.max_steps=1", "training.batch_size=auto", "data.num_examples=2000"
+    )
     assert result.exit_code == 0, result.output
     assert "training.batch_size auto: 20 (lomo, sequences of up to 48 tokens" in result.output
     assert "21 would need" in result.output
     assert "batch_size: 20" in (out / "recipe.yaml").read_text()  # the resolved recipe
 
 
-def test_batch_size_auto_stops_at_the_rows_of_data_and_refuses_when_nothing_fits(
+def test_batch_size_auto_keeps_a_run_of_updates_and_refuses_when_nothing_fits(
     tmp_path, monkeypatch
 ):
+    # Memory for everything: the batch stops where an epoch is still 16 updates, not at
+    # the whole data set (180 rows: one update an epoch).
     fixed_budget(monkeypatch, 2**40)
     result = train(tmp_path / "a", "training.max_steps=1", "training.batch_size=auto")
     assert result.exit_code == 0, result.output
-    assert "training.batch_size auto: 180" in result.output  # 200 examples, 10% held out
-    assert "capped at the 180 rows of training data" in result.output
+    message = " ".join(result.output.split())
+    assert "training.batch_size auto: 11 (lomo" in message  # 200 examples, 10% held out
+    assert "at most 11 so that an epoch of the 180 training rows is 16 updates" in message
+    assert "batch_size: 11" in (tmp_path / "a" / "recipe.yaml").read_text()
     fixed_budget(monkeypatch, 1000)  # not even the weights
     result = train(tmp_path / "b", "training.max_steps=1", "training.batch_size=auto")
     assert result.exit_code == 2, result.output
@@ -120,8 +128,8 @@ def test_out_of_memory_quotes_the_estimate_and_the_batch_that_fits(
 
 
 def test_batch_size_auto_on_resume_takes_the_checkpoints(tmp_path, monkeypatch):
-    at_20, at_21 = (tiny_estimate("lomo", b).tensor_bytes for b in (20, 21))
-    fixed_budget(monkeypatch, (at_20 + at_21) // 2)
+    at_5, at_6 = (tiny_estimate("lomo", b).tensor_bytes for b in (5, 6))
+    fixed_budget(monkeypatch, (at_5 + at_6) // 2)
     out = tmp_path / "run"
     first = train(out, "training.max_steps=1", "training.batch_size=auto")
     assert first.exit_code == 0, first.output
@@ -132,4 +140,4 @@ def test_batch_size_auto_on_resume_takes_the_checkpoints(tmp_path, monkeypatch):
          "training.batch_size=auto", "--plain", "--resume"],
     )  # fmt: skip
     assert again.exit_code == 0, again.output
-    assert "training.batch_size auto: 20, the batch of the checkpoint resumed" in again.output
+    assert "training.batch_size auto: 5, the batch of the checkpoint resumed" in again.output

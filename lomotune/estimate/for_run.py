@@ -29,6 +29,11 @@ from lomotune.estimate.shapes import shape_of
 # malloc arenas (CPU) need the rest.
 GPU_MARGIN = 0.9
 CPU_MARGIN = 0.8
+# A batch that swallows the data set leaves a run of a handful of updates (900 rows in one
+# batch: one update per epoch, and the fused methods cannot accumulate), which no memory
+# saving is worth: auto keeps an epoch at least this many updates long where the data
+# allows.
+MIN_UPDATES_PER_EPOCH = 16
 
 
 @dataclass(frozen=True)
@@ -137,13 +142,16 @@ def largest_fitting(fits, limit: int) -> int:
 def choose_batch_size(
     recipe, config, device_type: str, world_size: int, budget: Budget | None, rows: int
 ) -> tuple[int, str]:
-    """(batch size, why) for `training.batch_size: auto`; `rows` is how many rows the
-    training data has (no batch beyond it is useful). Raises EstimateError."""
+    """(batch size, why) for `training.batch_size: auto`: the largest batch the estimate
+    fits in `budget`, at most the one that keeps an epoch of the `rows` training rows
+    MIN_UPDATES_PER_EPOCH updates long (at least one row a process). Raises EstimateError."""
     if budget is None:
         raise EstimateError(
             "this system does not say how much memory is free (/proc/meminfo, psutil)"
         )
-    batch = largest_batch(recipe, config, device_type, world_size, budget, limit=rows)
+    rows_per_update = MIN_UPDATES_PER_EPOCH * recipe.optimizer.gradient_accumulation
+    cap = max(world_size, rows // rows_per_update // world_size * world_size)
+    batch = largest_batch(recipe, config, device_type, world_size, budget, limit=cap)
     seq = recipe.data.max_length
     if batch == 0:
         one = predict(recipe, config, device_type, world_size, world_size)
@@ -157,8 +165,13 @@ def choose_batch_size(
         f"tokens: the estimate at {batch} is {needed_bytes(e, device_type) / GiB:.2f} GiB, "
         f"within {budget.reason}"
     )
-    if batch + world_size > rows:
-        why += f"; capped at the {rows} rows of training data)"
+    if batch + world_size > cap:
+        updates = rows // (batch * recipe.optimizer.gradient_accumulation)
+        why += (
+            f"; at most {cap} so that an epoch of the {rows} training rows is {updates} "
+            f"updates, not a handful: auto keeps at least {MIN_UPDATES_PER_EPOCH} where the "
+            "data allows)"
+        )
     else:
         more = predict(recipe, config, device_type, world_size, batch + world_size)
         why += f"; {batch + world_size} would need {needed_bytes(more, device_type) / GiB:.2f} GiB)"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lomotune.export import adapter_base_model
+from lomotune.export import adapter_base_model, run_recipe
 from lomotune.models import LoadedModel, ModelError, load_model
 from lomotune.recipe import ModelConfig
 
@@ -38,7 +38,12 @@ def load_for_eval(name: str, precision: str, device: torch.device) -> LoadedMode
     name = model_folder(name)
     path = Path(name).expanduser()
     adapter = path.is_dir() and (path / "adapter_config.json").exists()
-    base = adapter_base_model(path) if adapter else name
+    # The base: named in the adapter's config, else in its run's recipe (model.name).
+    base = (
+        (adapter_base_model(path) or run_recipe(path).get("model", {}).get("name"))
+        if adapter
+        else name
+    )
     if base is None:
         raise ModelError(f"{path}/adapter_config.json names no base model to apply it to")
     cfg = ModelConfig(name=base, precision=precision, activation_checkpointing=False)
