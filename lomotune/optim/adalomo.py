@@ -106,13 +106,19 @@ class AdaLomoRule:
         # and nothing is copied to the device from it (tests/test_gpu_standin.py). Gated
         # by `ok`.
         lr_t = param_rms.clamp_(min=self.eps[1]).mul_(lr).mul_(ok)
-        if kernels.available(update.param.device) and len(update.shape) <= 2:
-            # Pass 2 over the whole tensor in one kernel (pass 1 stays sliced eager ops).
-            # A plain tensor: dynamo would compile a Parameter's shapes as constants.
-            kernels.compiled(adalomo_update_elementwise_)(
+        device = update.param.device
+        # Pass 2 over the whole tensor in one kernel (pass 1 stays sliced eager ops); False:
+        # the kernel failed, the eager ops below run. A plain tensor: dynamo would compile
+        # a Parameter's shapes as constants.
+        if (
+            kernels.available(device)
+            and len(update.shape) <= 2
+            and kernels.run(
+                adalomo_update_elementwise_, device,
                 update.param.detach(), update.grad, update.factor, scale.rows, scale.cols, clip,
                 lr_t, self.weight_decay, ok, update.round_key_int64, update.start,
-            )  # fmt: skip
+            )
+        ):  # fmt: skip
             return
         gate = must_gate(ok)
         for rows, param, grad in update.update():

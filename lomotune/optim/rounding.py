@@ -101,10 +101,9 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, key: int, start: i
     assert x.is_contiguous(), "x is rounded in place through its bits"
     if kernels.available(x.device):
         # One dimension whatever the tensor's, so that one compiled graph serves them all.
-        if out.is_contiguous():
-            out, x = out.view(-1), x.view(-1)
-        kernels.compiled(round_elementwise_into)(out, x, as_int64(key), start)
-        return
+        flat_out, flat_x = (out.view(-1), x.view(-1)) if out.is_contiguous() else (out, x)
+        if kernels.run(round_elementwise_into, x.device, flat_out, flat_x, as_int64(key), start):
+            return
     noise = noise16(key, start, x.numel(), x.device).view(x.shape)
     if _may_hold_special_values(x):
         # A NaN whose payload lies in the low 16 bits alone would truncate to inf, and
