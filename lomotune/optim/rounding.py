@@ -13,9 +13,12 @@ noise it would draw whole, a shard draws what the same rows draw unsharded, and 
 embedding: about 4x cheaper than drawing int64 words from the CPU generator).
 
 On a CPU the rounding runs as eager torch ops (one hash per 4 elements). On a GPU the
-same noise and the same bits come from one elementwise function (`rounded_elementwise`,
-compiled: see kernels.py): each element hashes its own index (the hash is free beside
-the memory traffic there), with the masks for NaN and range folded in.
+same noise and the same bits for every finite value come from one elementwise function
+(`rounded_elementwise`, compiled: see kernels.py): each element hashes its own index (the
+hash is free beside the memory traffic there), with the masks for NaN and range folded
+in. A NaN stays a NaN, but not always with the same bits: the eager ops' fp32 -> bf16
+conversion on a CPU writes 0xFFFF, the compiled Triton code (run by Triton's interpreter,
+tests/test_triton_kernels.py) the canonical 0x7FC0.
 """
 
 from __future__ import annotations
