@@ -6,12 +6,11 @@ The meta device follows CUDA's device-mixing rule (a 0-dim CPU scalar may mix in
 other CPU tensor raises), every host read of it (`.item()`, `bool()`, `float()`,
 `.tolist()`, `.cpu()`) raises at its line, autograd and post-accumulate hooks run, and
 every `device.type != "cpu"` branch takes its GPU side. So a step that completes here
-mixes no devices; reading the host is what a GPU calls a sync. Outside backward a read is
-answered by `_HostReads` (a value, recorded with its line), so the step runs on and its
-syncs can be counted; inside backward nothing answers it (autograd runs the backward of
-meta tensors without the forward's dispatch modes), so a read there still raises.
-`torch.tensor(x, device=...)` is a blocking host-to-device copy on CUDA that meta cannot
-see: it is watched by name.
+mixes no devices; reading the host is what a GPU calls a sync. `_HostReads` answers each
+read with a value and records its line, so that the step runs on and its syncs can be
+counted; a read made inside backward (autograd's graph task running) fails the test with
+its line. `torch.tensor(x, device=...)` is a blocking host-to-device copy on CUDA that
+meta cannot see: it is watched by name.
 """
 
 from __future__ import annotations
