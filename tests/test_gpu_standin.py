@@ -159,3 +159,21 @@ def test_a_baseline_step_on_the_gpu_stand_in(method, precision, clip, monkeypatc
     sites = _meta_step(method, precision, clip, monkeypatch)
     expected = BASELINE + (["baseline.py:step"] if clip == "exact" else [])
     assert sorted(sites) == sorted(expected)
+
+
+def test_the_stand_in_catches_a_read_and_a_copy_inside_backward(monkeypatch):
+    """What the steps above must not do, done in a hook: both are caught, by line."""
+    p = torch.nn.Parameter(torch.ones(3, device="meta"))
+
+    def hook(param: torch.Tensor) -> None:
+        bool(param.grad.sum() > 0)  # a sync on a GPU
+        torch.tensor(2.0, device=param.device)  # a blocking copy on a GPU
+
+    p.register_post_accumulate_grad_hook(hook)
+    copies = _watch_host_to_device_copies(monkeypatch)
+    reads = _HostReads()
+    with reads:
+        (p * 2).sum().backward()
+    assert len(reads.in_backward) == 1 and len(copies) == 1
+    assert reads.in_backward[0].endswith(f":{hook.__code__.co_firstlineno + 1}")
+    assert copies[0].endswith(f":{hook.__code__.co_firstlineno + 2}")
