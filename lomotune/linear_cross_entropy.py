@@ -222,7 +222,34 @@ class _TiedEmbedding(torch.autograd.Function):
             # F.embedding gives the padding row no gradient: keep the head's for it exactly
             # (a copy of one row, rather than a data-dependent selection of the tokens)
             head_row = grad_weight[ctx.padding_idx].clone()
-        grad_weight.index_add_(0, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]))
+        _add_rows_(grad_weight, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]))
         if ctx.padding_idx is not None:
             grad_weight[ctx.padding_idx] = head_row
         return None, grad_weight, None, None, None
+
+
+def _add_rows_(
+    grad_weight: torch.Tensor,  # (V, H): the head's gradient, the embedding's added in place
+    ids: torch.Tensor,  # (N,) token ids, repeated as often as the text repeats them
+    rows: torch.Tensor,  # (N, H): each token's gradient row
+) -> None:
+    """grad_weight[i] += sum of the rows of the tokens whose id is i.
+
+    Below fp32, `index_add_` would round the head's row once per token added (on CUDA in
+    atomics' order: not even deterministic): a frequent token's row, added thousands of
+    times, drifts far from its sum. As F.embedding's CUDA backward does, each id's rows
+    are summed in fp32 (sorted by id: a segment per id, fixed shapes, no host read), and
+    the head's row plus that sum is rounded once. Temporaries: three (N, H) fp32 buffers,
+    the size of a layer's activations, never a vocab-sized one."""
+    if grad_weight.dtype == torch.float32:
+        grad_weight.index_add_(0, ids, rows)
+        return
+    sorted_ids, order = ids.sort(stable=True)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    segment = starts.cumsum(0).sub_(1)  # (N,): the rank of each token's id among the ids
+    sums = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+    sums.index_add_(0, segment, rows.index_select(0, order).float())
+    # Every token of an id computes the same new row: duplicate writes agree.
+    new = grad_weight.index_select(0, sorted_ids).float().add_(sums.index_select(0, segment))
+    grad_weight.index_copy_(0, sorted_ids, new.to(grad_weight.dtype))

@@ -371,9 +371,12 @@ def causal_lm_loss(
             use_cache=False,
         ).last_hidden_state  # (B, T, H)
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    keep = labels != -100
-    h = hidden[:, :-1][keep]  # (N, H)
-    y = labels[keep]  # (N,)
+    # The label positions as indices, found once here (the step's one data-dependent
+    # shape: a sync on a GPU). A boolean-mask gather `hidden[keep]` would find them again
+    # in backward (its gradient is a masked scatter): a second sync, inside backward.
+    index = (labels != -100).reshape(-1).nonzero().squeeze(1)  # (N,)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
+    y = labels.reshape(-1).index_select(0, index)  # (N,)
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0

@@ -53,7 +53,7 @@ from lomotune.models import (
 )
 from lomotune.monitor import MemoryMeter, Throughput, format_bytes
 from lomotune.optim import build_engine, kernels
-from lomotune.optim.engine import Engine
+from lomotune.optim.engine import Engine, FusedEngine
 from lomotune.optim.schedule import lr_at
 from lomotune.precision import resolve_precision
 from lomotune.recipe import (
@@ -348,6 +348,8 @@ def setup(
     if world.is_distributed:
         loss_fn = distributed.distribute(model, loss_fn, recipe, world, device)
     engine = build_engine(recipe, model, loss_fn)
+    if isinstance(engine, FusedEngine):
+        engine.prepare_kernels()  # on a GPU: built and checked now, not inside backward
     state = TrainingState(
         step=0,
         epoch=0,
@@ -489,7 +491,7 @@ def method_warnings(recipe: Recipe, device: torch.device) -> list[str]:
             "optimizer.stochastic_rounding: true (lomo), a larger lr, or model.precision: fp32"
         )
     if defaults.fused and device.type != "cpu":
-        why = kernels.why_not_compiled(device)  # builds the kernel once, before training
+        why = kernels.why_not_compiled(device)  # FusedEngine.prepare_kernels's answer
         if why:
             out.append(
                 "the fused update runs as separate eager ops on this GPU (several passes "

@@ -657,6 +657,24 @@ def floor_table(results: list[dict], args: argparse.Namespace) -> str:
 FAKE_METHODS = ["no_grad", "lomo", "adalomo", "mezo", "sgd", "adamw", "adam-mini"]
 
 
+def llama_1b_config(layers: int = 16):
+    """A ~1.1B Llama shape (TinyLlama's: hidden 2048, 32 heads / 8 kv heads, vocab 32000)
+    with `layers` layers (16: 0.97B parameters, 22: TinyLlama's 1.1B)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+
+
 def fake_1b(
     methods: list[str], batch: int, seq: int, layers: int, like: str | None, chunk: int
 ) -> list[dict]:
@@ -669,19 +687,7 @@ def fake_1b(
     Byte counts are exact element counts x sizes, without the CUDA allocator's rounding,
     the CUDA context and cuBLAS workspaces (~0.5-1 GiB on a real GPU).
     """
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
+    config = llama_1b_config(layers)
     if like is not None:
         # The shape of a real model (e.g. smollm2-135m, to check the count against
         # MemTracker on real tensors: the `tensor peak` column of the CPU bench), or of

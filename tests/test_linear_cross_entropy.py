@@ -357,3 +357,35 @@ def test_bf16_loss_and_gradients_equal_cross_entropy_on_bf16_logits(tied):
         sums += torch.zeros(vocab, hidden).index_add_(0, ids, grad_x)
     difference = (grad_w.float() - grad_w_ref.float()).abs()
     assert (difference <= roundings * BF16_ROUNDING * sums).all()
+
+
+def _index_add_as_cuda_atomics(self, dim, index, source, alpha=1):
+    """Tensor.index_add_ as CUDA runs it: one atomic add per source row, each rounded to
+    the tensor's dtype (the CPU's kernel sums below fp32 more carefully)."""
+    assert dim == 0 and alpha == 1
+    for i, row in zip(index.tolist(), source, strict=True):
+        self[i] = (self[i].float() + row.float()).to(self.dtype)
+    return self
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_tied_embeddings_rows_are_summed_in_fp32_and_rounded_once(dtype, monkeypatch):
+    """A frequent token's embedding rows, added into a bf16 head gradient: the result is
+    the head's row plus the rows' sum, rounded once (as F.embedding's CUDA backward sums
+    in fp32), against that sum in fp64, even where index_add_ rounds once per token as
+    CUDA's atomics do."""
+    monkeypatch.setattr(torch.Tensor, "index_add_", _index_add_as_cuda_atomics)
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden = 16, 32
+    ids = torch.randint(0, vocab, (4, 300), generator=g)
+    ids[:, ::2] = 3  # one token half of the text
+    head = (torch.randn(vocab, hidden, generator=g) * 0.1).to(dtype)
+    grad_out = (torch.randn(4, 300, hidden, generator=g) * 0.01).to(dtype)
+    weight = torch.zeros(vocab, hidden, dtype=dtype, requires_grad=True)
+    tied = TiedGradient()
+    tied.buffer = head.clone()  # as the loss's backward leaves it
+    tied_embedding(ids, weight, 0, tied).backward(grad_out)
+    flat = grad_out.reshape(-1, hidden).double()
+    expected = head.double().index_add(0, ids.reshape(-1), flat)
+    expected[0] = head[0].double()  # the padding row keeps the head's gradient alone
+    assert torch.equal(weight.grad, expected.to(dtype))

@@ -189,6 +189,8 @@ def test_a_fused_method_on_a_gpu_without_its_kernel_says_why(monkeypatch):
     )
     gpu = torch.device("cuda")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(kernels, "_why_not", {})
+    assert "pip install triton" in kernels.prepare(gpu, {})  # FusedEngine.prepare_kernels
     (warning,) = train_module.method_warnings(recipe, gpu)
     assert "eager ops" in warning and "pip install triton" in warning
     assert train_module.method_warnings(recipe, torch.device("cpu")) == []

@@ -11,9 +11,9 @@ What cannot run on values that do not exist is answered by `_NoValues`, a dispat
 between the fake tensors and the tracker, so that the engines run unchanged:
 - a Python number read from a tensor (`float(loss)`, `int(mask.sum())`) is 1: the step
   is then "finite", and every label token counts;
-- a boolean-mask selection (`hidden[keep]` in `causal_lm_loss`) keeps every element: the
-  simulated batch has a label on every token and no padding, so that is exactly what a
-  real step of the same batch selects.
+- a boolean-mask selection, or `nonzero` (the label positions in `causal_lm_loss`), keeps
+  every element: the simulated batch has a label on every token and no padding, so that
+  is exactly what a real step of the same batch selects.
 """
 
 from __future__ import annotations

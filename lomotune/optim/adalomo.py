@@ -102,15 +102,23 @@ class AdaLomoRule:
         stats = _factored_statistics if factored else _full_statistics
         scale, update_rms, param_rms, ok = stats(update, state, beta, self.eps[0], combine)
         clip = (update_rms / self.clip_threshold).clamp_(min=1.0)
-        # Tensors, not Python floats: no device sync inside backward. Gated by `ok`.
+        # Tensors, not Python floats: nothing is read back to the host inside backward,
+        # and nothing is copied to the device from it (tests/test_gpu_standin.py). Gated
+        # by `ok`.
         lr_t = param_rms.clamp_(min=self.eps[1]).mul_(lr).mul_(ok)
-        if kernels.available(update.param.device) and len(update.shape) <= 2:
-            # Pass 2 over the whole tensor in one kernel (pass 1 stays sliced eager ops).
-            # A plain tensor: dynamo would compile a Parameter's shapes as constants.
-            kernels.compiled(adalomo_update_elementwise_)(
+        device = update.param.device
+        # Pass 2 over the whole tensor in one kernel (pass 1 stays sliced eager ops); False:
+        # the kernel failed, the eager ops below run. A plain tensor: dynamo would compile
+        # a Parameter's shapes as constants.
+        if (
+            kernels.available(device)
+            and len(update.shape) <= 2
+            and kernels.run(
+                adalomo_update_elementwise_, device,
                 update.param.detach(), update.grad, update.factor, scale.rows, scale.cols, clip,
                 lr_t, self.weight_decay, ok, update.round_key_int64, update.start,
-            )  # fmt: skip
+            )
+        ):  # fmt: skip
             return
         gate = must_gate(ok)
         for rows, param, grad in update.update():
@@ -210,8 +218,11 @@ def _factored_statistics(
         s += sums[..., 1, :]
         param_sq = param_sq + _matrix_sum_sq(param)
     row_sum = new_row.sum(dim=-1, keepdim=True, dtype=torch.float64)  # (..., 1)
+    # The row count is summed over shards with the statistics: made on the device by
+    # torch.full (torch.tensor(n, device=...) would be a blocking host-to-device copy on a
+    # GPU, in every hook).
     (col_sum, s, param_sq, row_sum, n), ok = combine(
-        col_sum, s, param_sq, row_sum, torch.tensor(float(n), **f64)
+        col_sum, s, param_sq, row_sum, torch.full((), float(n), **f64)
     )
     new_col = col.mul(beta).add_(col_sum.div_(n).add_(eps1).float(), alpha=1 - beta)
     row.copy_(torch.where(ok, new_row, row))  # O(n + m): cheap to gate
@@ -241,7 +252,7 @@ def _full_statistics(
         flat_new[rows] = flat_v[rows].mul(beta).add_(g2 + eps1, alpha=1 - beta)
         u2 += g2.div_(flat_new[rows]).sum(dtype=torch.float64)
         param_sq += squares_fp64(param).sum()
-    numel = torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)
+    numel = torch.full((), float(v.numel()), dtype=torch.float64, device=v.device)  # no copy
     (u2, param_sq, numel), ok = combine(u2, param_sq, numel)
     v.copy_(torch.where(ok, new_v, v))
     rsqrt_v = new_v.rsqrt().view(-1)

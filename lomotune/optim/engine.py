@@ -33,6 +33,7 @@ the clipping memory, so that a resume is exact.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from lomotune.distributed import (
     sum_replicated_gradient,
     whole_rows,
 )
+from lomotune.optim import kernels
 from lomotune.optim.seeds import mix64
 from lomotune.optim.slices import SlicedUpdate, all_finite, slice_bytes_for, sum_of_squares
 from lomotune.recipe import ClipConfig
@@ -188,6 +190,37 @@ class FusedEngine:
             p.register_post_accumulate_grad_hook(self._make_hook(i))
             for i, p in enumerate(self.params)
         ]
+
+    # -- the compiled kernels ----------------------------------------------------------
+
+    def prepare_kernels(self) -> str | None:
+        """On a GPU, build every update kernel this run will call, as its hooks will call
+        them, and check them against the eager ops (kernels.prepare), before training:
+        None when the hooks will run them, else why not (the eager ops run)."""
+        device = local_shard(self.params[0])[0].device if self.params else None
+        if device is None or device.type == "cpu":
+            return None
+        return kernels.prepare(device, self._kernel_checks())
+
+    def _kernel_checks(self) -> dict[str, kernels.Check]:
+        """One update of a small matrix and a small vector per trainable dtype, with this
+        run's rule, weight decay, clipping (a tensor factor per tensor), rounding and (under
+        FSDP2) a shard's offset: each variant a compiled kernel specializes on."""
+        rule = copy.copy(self.rule)
+        if getattr(rule, "sum_over_shards", None) is not None:
+            rule.sum_over_shards = None  # one device's update: the collective is no kernel
+        per_tensor = self.clip.mode == "per-tensor"
+        checks: dict[str, kernels.Check] = {}
+        dtypes = sorted({local_shard(p)[0].dtype for p in self.params}, key=str)
+        for dtype in dtypes:
+            rounding = dtype == torch.bfloat16 and self.stochastic_rounding
+            if rounding:
+                checks["rounding"] = kernels.rounding_check
+            for shape in ((6, 40), (40,)):
+                for start in (0, 240) if self.sharded else (0,):
+                    name = f"{type(rule).__name__} update ({dtype}, {shape}, offset {start})"
+                    checks[name] = _update_check(rule, dtype, shape, start, per_tensor, rounding)
+        return checks
 
     # -- the step ----------------------------------------------------------------------
 
@@ -404,3 +437,32 @@ class FusedEngine:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _update_check(
+    rule: UpdateRule,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    start: int,
+    per_tensor: bool,
+    rounding: bool,
+) -> kernels.Check:
+    """Two steps of `rule` on one small parameter on a device (the second with the state
+    of the first): the weights and the state it leaves, as `kernels.prepare` compares them."""
+
+    @torch.no_grad()  # as in the hooks: grad mode is part of what a compiled kernel is
+    def check(device: torch.device) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        # a Parameter, as the hooks get it (whether it requires grad is part of a kernel too)
+        param = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.1).to(dtype).to(device))
+        grads = [(torch.randn(shape, generator=g) * 0.01).to(dtype).to(device) for _ in "ab"]
+        state = rule.init_state(param)
+        factor = torch.full((), 0.5, device=device) if per_tensor else 0.5
+        ok = torch.ones((), dtype=torch.bool, device=device)
+        for step, grad in enumerate(grads, start=1):
+            key = mix64(7, step, 0) if rounding else None
+            update = SlicedUpdate(param, grad, factor, round_key=key, start=start)
+            rule.apply(update, state, 1e-2, step, ok)
+        return [param.detach(), *state.values()]
+
+    return check

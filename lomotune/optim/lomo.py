@@ -20,12 +20,19 @@ class LomoRule:
         return {}  # SGD keeps nothing between steps
 
     def apply(self, update: SlicedUpdate, state, lr: float, step: int, ok: torch.Tensor) -> None:
-        if kernels.available(update.param.device) and update.param.is_contiguous():
-            # The whole tensor in one kernel: nothing to slice, no temporaries.
-            kernels.compiled(lomo_update_elementwise_)(
+        device = update.param.device
+        # The whole tensor in one kernel: nothing to slice, no temporaries (False: the
+        # kernel failed, the eager ops below run).
+        if (
+            kernels.available(device)
+            and update.param.is_contiguous()
+            and kernels.run(
+                lomo_update_elementwise_, device,
                 update.param.view(-1), update.grad.reshape(-1), update.factor,
-                lr, self.weight_decay, ok, update.round_key_int64, update.start,
-            )  # fmt: skip
+                torch.full((), lr, device=device), self.weight_decay, ok,
+                update.round_key_int64, update.start,
+            )
+        ):  # fmt: skip
             return
         # Elementwise: one pass over the slices.
         gate = must_gate(ok)
@@ -41,7 +48,8 @@ def lomo_update_elementwise_(
     param: torch.Tensor,  # flat, fp32 or bf16: updated in place
     grad: torch.Tensor,  # flat, the parameter's complete gradient
     factor: float | torch.Tensor,
-    lr: float,
+    lr: torch.Tensor,  # 0-dim fp32: a float would be compiled as a constant (fma takes
+    # no symbolic float), and every new learning rate would compile anew inside backward
     weight_decay: float,
     ok: torch.Tensor,
     round_key: int | None,  # as_int64; None: round to nearest (fp32: exact)
@@ -56,7 +64,7 @@ def lomo_update_elementwise_(
     if weight_decay:
         g = torch.ops.prims.fma(p, weight_decay, g)
     g = torch.where(ok, g, 0.0)
-    new = torch.ops.prims.fma(g, -lr, p)
+    new = torch.ops.prims.fma(g, -lr.expand_as(g), p)
     if round_key is not None and param.dtype == torch.bfloat16:
         new = rounded_elementwise(new, round_key, start)
     param.copy_(new)

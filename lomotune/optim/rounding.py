@@ -13,9 +13,12 @@ noise it would draw whole, a shard draws what the same rows draw unsharded, and 
 embedding: about 4x cheaper than drawing int64 words from the CPU generator).
 
 On a CPU the rounding runs as eager torch ops (one hash per 4 elements). On a GPU the
-same noise and the same bits come from one elementwise function (`rounded_elementwise`,
-compiled: see kernels.py): each element hashes its own index (the hash is free beside
-the memory traffic there), with the masks for NaN and range folded in.
+same noise and the same bits for every finite value come from one elementwise function
+(`rounded_elementwise`, compiled: see kernels.py): each element hashes its own index (the
+hash is free beside the memory traffic there), with the masks for NaN and range folded
+in. A NaN stays a NaN, but not always with the same bits: the eager ops' fp32 -> bf16
+conversion on a CPU writes 0xFFFF, the compiled Triton code (run by Triton's interpreter,
+tests/test_triton_kernels.py) the canonical 0x7FC0.
 """
 
 from __future__ import annotations
@@ -101,10 +104,9 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, key: int, start: i
     assert x.is_contiguous(), "x is rounded in place through its bits"
     if kernels.available(x.device):
         # One dimension whatever the tensor's, so that one compiled graph serves them all.
-        if out.is_contiguous():
-            out, x = out.view(-1), x.view(-1)
-        kernels.compiled(round_elementwise_into)(out, x, as_int64(key), start)
-        return
+        flat_out, flat_x = (out.view(-1), x.view(-1)) if out.is_contiguous() else (out, x)
+        if kernels.run(round_elementwise_into, x.device, flat_out, flat_x, as_int64(key), start):
+            return
     noise = noise16(key, start, x.numel(), x.device).view(x.shape)
     if _may_hold_special_values(x):
         # A NaN whose payload lies in the low 16 bits alone would truncate to inf, and
