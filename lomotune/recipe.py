@@ -49,7 +49,9 @@ class RecipeError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No float key means anything at inf or nan (optimizer.lr=inf turns every weight
+    # non-finite at step 1): refused with the key's name like any other bad value.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):

@@ -813,6 +813,18 @@ def save_model(run: Run, out: Path, weights: dict[str, torch.Tensor] | None = No
 
 
 def save_final(run: Run) -> Path:
+    # The README's promise: a NaN never reaches a weight. A skipped step keeps NaN losses
+    # out, but an update that overflows a finite weight (an lr far too large) does not
+    # show in the loss until the next step: the last step's weights are checked here.
+    bad = non_finite_weights(run.loaded.model)
+    if any_rank(run.world, bool(bad)):
+        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainError(
+            f"after step {run.state.step} the weights are not finite ({named or 'on another process'}); "
+            f"the final model was not written. Lower optimizer.lr (now {run.recipe.optimizer.lr:g}) "
+            "or enable optimizer.clip, and start again with --overwrite",
+            EXIT_DIVERGED,
+        )
     save(run)
     final = run.output_dir / "model"
     weights = distributed.full_state_dict(run.loaded.model)
@@ -834,6 +846,16 @@ def save_final(run: Run) -> Path:
     tmp.rename(final)
     run.dashboard.note(f"final model saved: {final}")
     return final
+
+
+def non_finite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point weights with an inf or nan in this process's part."""
+    out = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        local = t.to_local() if hasattr(t, "to_local") else t  # a shard of FSDP2
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            out.append(name)
+    return out
 
 
 def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:

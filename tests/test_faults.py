@@ -479,3 +479,50 @@ def test_disk_full_while_logging_metrics(tmp_path, monkeypatch):
     resumed = train(out, "training.max_steps=6", "training.save_every=2", flags=["--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in train_records(out)] == list(range(1, 7))
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite weights and recipe values
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "-.inf", ".nan"])
+def test_non_finite_float_keys_are_refused(tmp_path, value):
+    result = train(tmp_path / "run", f"optimizer.lr={value}")
+    assert result.exit_code == 2, result.output
+    assert "optimizer.lr: input should be a finite number" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_final_model_with_a_non_finite_weight_is_never_written(tmp_path, monkeypatch):
+    """The last step's update overflows one weight: its loss was finite, the next step
+    never comes, and the weights must not become the final model."""
+    real_build = lomotune.train.build_engine
+
+    def build(recipe, model, loss_fn):
+        engine = real_build(recipe, model, loss_fn)
+        real_step, calls = engine.step, itertools.count(1)
+
+        def step(batches, lr):
+            result = real_step(batches, lr)
+            if next(calls) == 3:
+                with torch.no_grad():
+                    model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+            return result
+
+        engine.step = step
+        return engine
+
+    monkeypatch.setattr(lomotune.train, "build_engine", build)
+    out = tmp_path / "run"
+    result = train(out, "training.max_steps=3", "training.save_every=2", "training.eval_every=0")
+    assert result.exit_code == 4, result.output
+    assert (
+        "after step 3 the weights are not finite (model.layers.1.mlp.up_proj.weight); "
+        "the final model was not written" in result.output
+    )
+    assert "Traceback" not in result.output
+    assert not (out / "model").exists() and not (out / ".partial-model").exists()
+    assert [c.name for c in list_checkpoints(out)] == ["step-000002"]
+    assert all(
+        torch.isfinite(w).all() for w in weights(out / "checkpoints/step-000002/model").values()
+    )
