@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -245,6 +246,13 @@ class Recipe(Section):
     training: TrainingConfig = TrainingConfig()
     hardware: HardwareConfig = HardwareConfig()
     resume: Literal["never", "auto"] = "never"
+    # The YAML file it was read from (None when built in Python): --overwrite refuses an
+    # output folder that holds it.
+    _source_file: Path | None = PrivateAttr(None)
+
+    @property
+    def source_file(self) -> Path | None:
+        return self._source_file
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Recipe:
@@ -344,6 +352,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     recipe = validate_recipe(raw, source)
     if path is not None:
         recipe = resolve_paths(recipe, Path(path).resolve().parent)
+        recipe._source_file = Path(path).resolve()
     return recipe
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import transformers
 
-from lomotune import __version__, distributed
+from lomotune import __version__, distributed, run_folder
 from lomotune.allocator import return_freed_memory
 from lomotune.checkpoint import (
     CheckpointError,
@@ -136,14 +136,26 @@ def train(
             EXIT_BAD_INPUT,
         )
     world = distributed.join(recipe)
+    # Rank 0 holds the output folder for the run's life: a second run there is refused.
+    lock = run_folder.OutputLock(Path(recipe.training.output_dir))
     try:
-        return train_in(world, recipe, overwrite=overwrite, resume=resume, force=force, live=live)
+        return train_in(
+            world, recipe, lock, overwrite=overwrite, resume=resume, force=force, live=live
+        )
     finally:
+        lock.release()
         distributed.leave(world)
 
 
 def train_in(
-    world: World, recipe: Recipe, *, overwrite: bool, resume: bool, force: bool, live: bool | None
+    world: World,
+    recipe: Recipe,
+    lock: run_folder.OutputLock,
+    *,
+    overwrite: bool,
+    resume: bool,
+    force: bool,
+    live: bool | None,
 ) -> dict[str, Any]:
     output_dir = Path(recipe.training.output_dir)
     device = distributed.device_of(world, recipe) or pick_device(recipe)
@@ -158,6 +170,7 @@ def train_in(
         refused = distributed.refusal(recipe, world.size)
         if refused:
             raise RecipeError([refused])
+        take_output_dir(lock)
         return plan_output_dir(
             output_dir,
             recipe,
@@ -206,6 +219,38 @@ def train_in(
 # Setup
 
 
+def take_output_dir(lock: run_folder.OutputLock) -> None:
+    """The output folder's lock, or exit 2 naming the run that holds it."""
+    folder = lock.folder
+    if folder.exists() and not folder.is_dir():
+        raise TrainError(
+            f"training.output_dir: {folder} is a file, not a folder. Set "
+            "training.output_dir to a folder (it is created if missing)",
+            EXIT_BAD_INPUT,
+        )
+    inside = run_folder.enclosing_run_part(folder)
+    if inside is not None:
+        raise TrainError(
+            f"training.output_dir: {folder} lies inside {inside}, which belongs to another run "
+            "(its checkpoint rotation or --overwrite would delete this run). Set "
+            "training.output_dir to a folder outside it",
+            EXIT_BAD_INPUT,
+        )
+    try:
+        lock.acquire()
+    except run_folder.FolderInUse as e:
+        raise TrainError(
+            f"training.output_dir: {folder} is in use by another lomotune run: {e}. Wait for "
+            "it to end (or stop it), or set training.output_dir to another folder",
+            EXIT_BAD_INPUT,
+        ) from None
+    except OSError as e:
+        raise TrainError(
+            f"training.output_dir: cannot create {folder}: {e.strerror or e}. Set it to a folder you can write",
+            EXIT_BAD_INPUT,
+        ) from None
+
+
 def plan_output_dir(
     output_dir: Path, recipe: Recipe, *, overwrite: bool, resume: bool, force: bool
 ) -> tuple[Path | None, list[str]]:
@@ -218,9 +263,9 @@ def plan_output_dir(
             "training.output_dir to a folder (it is created if missing)",
             EXIT_BAD_INPUT,
         )
-    has_content = output_dir.exists() and any(output_dir.iterdir())
+    has_content = bool(run_folder.contents(output_dir))
     if overwrite and has_content:
-        shutil.rmtree(output_dir)
+        overwrite_run(output_dir, recipe)
         return None, []
     checkpoint, damaged = None, []
     if resume and has_content and list_checkpoints(output_dir):
@@ -243,6 +288,13 @@ def plan_output_dir(
                 EXIT_BAD_INPUT,
             )
         return checkpoint, damaged
+    if has_content and not run_folder.is_run(output_dir):
+        listed = ", ".join(p.name for p in run_folder.contents(output_dir)[:5])
+        raise TrainError(
+            f"training.output_dir: {output_dir} is not empty and not a lomotune run's folder "
+            f"(it holds {listed}). Set training.output_dir to a new or empty folder",
+            EXIT_BAD_INPUT,
+        )
     if has_content:
         final = (output_dir / "model").exists()
         if resume and not final and not list((output_dir / "checkpoints").glob("step-*")):
@@ -254,6 +306,35 @@ def plan_output_dir(
             EXIT_BAD_INPUT,
         )
     return None, []
+
+
+def overwrite_run(output_dir: Path, recipe: Recipe) -> None:
+    """--overwrite: remove what an earlier run wrote into `output_dir`, and only that."""
+    if not run_folder.is_run(output_dir):
+        listed = ", ".join(p.name for p in run_folder.contents(output_dir)[:5])
+        raise TrainError(
+            f"--overwrite: {output_dir} is not a lomotune run's folder (it holds {listed}); "
+            "nothing was removed. --overwrite only replaces an earlier run: set "
+            "training.output_dir to a new or empty folder",
+            EXIT_BAD_INPUT,
+        )
+    source = recipe.data.source
+    inside = run_folder.inputs_inside(
+        output_dir,
+        {
+            "the recipe": str(recipe.source_file) if recipe.source_file else None,
+            "the data": source if ":" not in source.split("/")[0] else None,
+            "the SuperGLUE folder": recipe.data.superglue_dir,
+            "the model": recipe.model.name,
+        },
+    )
+    if inside:
+        raise TrainError(
+            f"--overwrite: {output_dir} holds {' and '.join(inside)}, which this run reads; "
+            "nothing was removed. Set training.output_dir to a folder of its own",
+            EXIT_BAD_INPUT,
+        )
+    run_folder.remove_run_outputs(output_dir)
 
 
 def recipe_differences(saved: dict, current: dict) -> list[str]:

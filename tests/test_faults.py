@@ -526,3 +526,102 @@ def test_a_final_model_with_a_non_finite_weight_is_never_written(tmp_path, monke
     assert all(
         torch.isfinite(w).all() for w in weights(out / "checkpoints/step-000002/model").values()
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The output folder: --overwrite, a second run, a folder inside another run
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
+    """`training.output_dir=. --overwrite` from the user's own folder removes nothing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my.yaml").write_text(Path(TINY).read_text())
+    (work / "notes.txt").write_text("mine")
+    result = runner.invoke(
+        app, ["train", str(work / "my.yaml"), f"training.output_dir={work}", THREADS, "--plain",
+              "--overwrite"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"--overwrite: {work} is not a lomotune run's folder (it holds my.yaml, notes.txt)" in (
+        message
+    )
+    assert "nothing was removed" in message and "Traceback" not in message
+    assert sorted(p.name for p in work.iterdir()) == ["my.yaml", "notes.txt"]
+    # Without --overwrite it is refused as well, and not called "an earlier run".
+    plain = runner.invoke(app, ["train", str(work / "my.yaml"), f"training.output_dir={work}"])
+    assert plain.exit_code == 2 and "not a lomotune run's folder" in plain.output
+
+
+def test_overwrite_removes_only_what_the_run_wrote(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "training.max_steps=2", "training.save_every=1").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    before = weights(out / "model")
+    again = train(out, "training.max_steps=1", "optimizer.lr=0.5", flags=["--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [c.name for c in list_checkpoints(out)] == ["step-000001"]  # step 2's is gone
+    assert [r["step"] for r in train_records(out)] == [1]
+    assert any(not torch.equal(before[k], w) for k, w in weights(out / "model").items())
+    assert not (out / ".lomotune.lock").exists()  # released with the run
+
+
+@pytest.mark.parametrize("what", ["recipe", "data", "model"])
+def test_overwrite_refuses_a_run_folder_holding_what_the_run_reads(tmp_path, what):
+    out = tmp_path / "run"
+    assert train(out, "training.max_steps=1").exit_code == 0
+    recipe, overrides = TINY, []
+    if what == "recipe":
+        recipe = str(out / "my.yaml")
+        (out / "my.yaml").write_text(Path(TINY).read_text())
+    elif what == "data":
+        rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(40)]
+        (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        overrides = [f"data.source={out / 'rows.jsonl'}"]
+    else:  # training on from the run's own final model
+        overrides = [f"model.name={out / 'model'}"]
+    before = sorted(p.name for p in out.iterdir())
+    result = runner.invoke(
+        app, ["train", recipe, f"training.output_dir={out}", THREADS, *overrides, "--plain",
+              "--overwrite"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"--overwrite: {out} holds the {what} " in message
+    assert "which this run reads; nothing was removed" in message
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_process(tmp_path):
+    out = tmp_path / "run"
+    first = Child(*long_run(out, "training.save_every=2"), cwd=tmp_path)
+    first.wait_for(r"checkpoint saved: .*step-000002")
+    for flags in (["--resume"], ["--overwrite"], []):
+        second = train(out, "training.max_steps=3", flags=flags)
+        assert second.exit_code == 2, second.output
+        message = " ".join(second.output.split())
+        assert f"{out} is in use by another lomotune run: process {first.proc.pid} on " in message
+        assert "Traceback" not in message
+    assert latest_checkpoint(out) is not None and first.proc.poll() is None  # untouched
+    first.proc.kill()  # SIGKILL: no chance to remove its lock file
+    first.finish()
+    assert (out / ".lomotune.lock").exists()  # stale: its process is gone
+    latest = latest_checkpoint(out)
+    step = int(latest.name.split("-")[1])
+    resumed = train(out, f"training.max_steps={step + 1}", flags=["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resumed from {latest} (step {step})" in resumed.output
+
+
+def test_an_output_folder_inside_another_runs_checkpoints_is_refused(tmp_path):
+    a = tmp_path / "a"
+    assert train(a, "training.max_steps=2", "training.save_every=1").exit_code == 0
+    for inner in (a / "checkpoints" / "mine", a / "checkpoints", a / "model" / "sub"):
+        result = train(inner, "training.max_steps=1")
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert f"training.output_dir: {inner} lies inside " in message
+        assert "belongs to another run" in message
+    assert not (a / "checkpoints" / "mine").exists() and not (a / "model" / "sub").exists()
