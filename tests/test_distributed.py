@@ -276,6 +276,40 @@ def test_a_killed_process_ends_the_run_within_seconds(tmp_path):
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
 
 
+def test_kill_9_of_the_launcher_ends_its_workers(tmp_path):
+    """The workers die with their launcher: none goes on writing checkpoints and metrics
+    that a later --resume would meet as a second writer."""
+    out = tmp_path / "run"
+    launcher = launched_run(out, "training.max_steps=100000", "training.save_every=1")
+    try:
+        wait_for_a_training_step(launcher, out)
+        workers = children(launcher.pid)
+        assert len(workers) == 2
+        launcher.kill()  # SIGKILL: no handler runs, nothing is passed on
+        launcher.wait(timeout=30)  # (its pipes stay open while a worker lives)
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        launcher.stdout.close()
+        launcher.stderr.close()
+    assert not any(alive(pid) for pid in workers)
+    lines = (out / "metrics.jsonl").read_text()
+    time.sleep(1.0)
+    assert (out / "metrics.jsonl").read_text() == lines  # nobody writes any more
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
