@@ -8,7 +8,8 @@ A checkpoint is a folder you can read with your eyes:
         rng.safetensors         torch RNG states
         state.json              step, data position, engine scalars, python/numpy RNG,
                                 the resolved recipe, and the size and sha256 of every
-                                other file of the checkpoint
+                                other file of the checkpoint; its own content's sha256
+                                in "state_sha256"
 
 A run whose model is sharded over several processes (FSDP2: lomo, adalomo, sgd, adamw)
 writes a sharded checkpoint instead, with `torch.distributed.checkpoint` (DCP): no rank
@@ -56,7 +57,8 @@ from safetensors.torch import load_file, save_file
 
 from lomotune.distributed import ALONE, World, gather_objects, is_sharded, share_from_main
 
-FORMAT_VERSION = 2  # 2: state.json records every file's size and sha256
+# 2: state.json records every file's size and sha256; 3: and the sha256 of its own content
+FORMAT_VERSION = 3
 SHARDS = "shards"  # the DCP folder of a sharded checkpoint
 
 
@@ -211,6 +213,7 @@ def _complete(
             )
         payload["recipe"] = state.recipe
         payload["files"] = file_digests(partial)
+        payload["state_sha256"] = state_digest(payload)
         (partial / "state.json").write_text(json.dumps(payload, indent=1))
         _fsync_tree(partial)
         if final.exists():  # a checkpoint of this very step, e.g. re-saved after resume
@@ -262,18 +265,40 @@ def _first_os_error(error: Exception) -> Exception:
     return error
 
 
-def read_training_state(folder: Path) -> tuple[TrainingState, dict]:
-    """(training state, raw state.json) of a complete checkpoint, without its tensors."""
+def state_digest(payload: dict) -> str:
+    """The sha256 of state.json's content but its own "state_sha256" (canonical JSON: the
+    same whatever the indentation or key order). One flipped bit in a number (the data
+    position, the step) still parses: this is what catches it."""
+    content = {k: v for k, v in payload.items() if k != "state_sha256"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def read_state_json(folder: Path) -> dict:
+    """state.json of a checkpoint, checked against its own sha256; ValueError (one line)
+    for a file that cannot be read, of another format, or not as written."""
     try:
         payload = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {folder} cannot be read ({e}); remove it to resume from the one before"
-        ) from None
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {folder} has format {payload.get('format_version')}, this lomotune reads {FORMAT_VERSION}"
+        raise ValueError(f"state.json cannot be read ({e})") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        version = payload.get("format_version") if isinstance(payload, dict) else None
+        raise ValueError(
+            f"format {version}, this lomotune reads {FORMAT_VERSION} (written by another version)"
         )
+    if payload.get("state_sha256") != state_digest(payload):
+        raise ValueError("state.json does not match the sha256 recorded when it was written")
+    return payload
+
+
+def read_training_state(folder: Path) -> tuple[TrainingState, dict]:
+    """(training state, raw state.json) of a complete checkpoint, without its tensors."""
+    try:
+        payload = read_state_json(folder)
+    except ValueError as e:
+        raise CheckpointError(
+            f"checkpoint {folder} cannot be used: {e}; remove it to resume from the one before"
+        ) from None
     state = TrainingState(
         step=payload["step"],
         epoch=payload["epoch"],
@@ -393,14 +418,11 @@ def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
 def verify_checkpoint(folder: Path) -> list[str]:
     """What is wrong with a checkpoint's files (empty when every file is as written)."""
     try:
-        payload = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        return [f"state.json cannot be read ({e})"]
-    if payload.get("format_version") != FORMAT_VERSION or "files" not in payload:
-        return [
-            f"format {payload.get('format_version')}, this lomotune reads {FORMAT_VERSION} "
-            "(written by another version)"
-        ]
+        payload = read_state_json(folder)
+    except ValueError as e:
+        return [str(e)]
+    if not isinstance(payload.get("files"), dict):
+        return ["state.json lists no files"]
     problems = []
     for name, want in payload["files"].items():
         path = folder / name
