@@ -78,6 +78,9 @@ class TrainingState:
     skipped_steps: int
     engine_meta: dict[str, Any]
     recipe: dict[str, Any]
+    # sha256 of the tokenized training set (data.pipeline.fingerprint): a resume onto
+    # other data is refused unless --force
+    data_fingerprint: str | None = None
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -193,6 +196,7 @@ def _complete(
             "bad_steps_in_a_row": state.bad_steps_in_a_row,
             "skipped_steps": state.skipped_steps,
             "engine": state.engine_meta,
+            "data_fingerprint": state.data_fingerprint,
         }
         if sharded:
             payload["sharded"] = True
@@ -308,6 +312,7 @@ def read_training_state(folder: Path) -> tuple[TrainingState, dict]:
         skipped_steps=payload["skipped_steps"],
         engine_meta=payload["engine"],
         recipe=payload["recipe"],
+        data_fingerprint=payload.get("data_fingerprint"),
     )
     return state, payload
 

@@ -38,6 +38,7 @@ from lomotune.checkpoint import (
 )
 from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
 from lomotune.data import BatchLoader, PreparedData, prepare_data
+from lomotune.data.pipeline import fingerprint
 from lomotune.distributed import World, any_rank, share_from_main
 from lomotune.estimate import Estimate, EstimateError
 from lomotune.estimate import for_run as estimate_for_run
@@ -181,7 +182,7 @@ def train_in(
 
     checkpoint, damaged = share_from_main(world, decide)  # taken once, by rank 0
     transformers.logging.disable_progress_bar()  # the dashboard is the progress display
-    run = setup(recipe, output_dir, checkpoint, device, live=live, world=world)
+    run = setup(recipe, output_dir, checkpoint, device, live=live, world=world, force=force)
     run.warnings += [f"damaged checkpoint skipped: {d}" for d in damaged]
     run.notes.insert(0, precision.reason)
     if precision.warning:
@@ -370,6 +371,7 @@ def setup(
     *,
     live: bool | None = None,
     world: World = distributed.ALONE,
+    force: bool = False,
 ) -> Run:
     if recipe.hardware.threads:
         torch.set_num_threads(recipe.hardware.threads)
@@ -389,6 +391,9 @@ def setup(
         loaded.model = add_lora_adapters(loaded.model, lora)
     data = prepare_data(recipe.data, loaded.tokenizer, seed=recipe.training.seed)
     notes = []
+    data_fingerprint = fingerprint(data.train)
+    if checkpoint is not None:  # before anything in the folder is written
+        notes += same_data_or_force(checkpoint, data, data_fingerprint, force)
     if auto_batch:
         batch, why = share_from_main(  # one choice for every process
             world,
@@ -432,6 +437,7 @@ def setup(
         skipped_steps=0,
         engine_meta={},
         recipe=recipe.model_dump(mode="json"),
+        data_fingerprint=data_fingerprint,
     )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)  # every rank: each writes checkpoint parts
@@ -463,6 +469,7 @@ def setup(
                 f"the checkpoint's optimizer state ({saved_method}) was not loaded: {opt.name} starts with fresh state"
             )
         state.recipe = recipe.model_dump(mode="json")
+        state.data_fingerprint = data_fingerprint
         if world.is_main:
             truncate_metrics(output_dir / METRICS_FILE, state.step)
     if world.is_main:
@@ -492,6 +499,27 @@ def setup(
         estimate_note=predicted_note,
         model_config=model_config,
     )
+
+
+def same_data_or_force(
+    checkpoint: Path, data: PreparedData, data_fingerprint: str, force: bool
+) -> list[str]:
+    """Refuse to resume onto training data other than the checkpoint's (a data file
+    edited under the run: the recipe's data section alone does not show it); with --force,
+    a note. Returns the notes to show."""
+    saved = read_training_state(checkpoint)[0].data_fingerprint
+    if saved == data_fingerprint:
+        return []
+    what = (
+        f"the training data ({data.stats.source}: {len(data.train)} examples now) is not the "
+        f"data the checkpoint {checkpoint} was trained on (the tokenized set's sha256 differs)"
+    )
+    if not force:
+        raise TrainError(
+            f"{what}. Resume with the original data, or pass --force to continue on this data",
+            EXIT_BAD_INPUT,
+        )
+    return [f"{what}; continuing on it (--force) from the checkpoint's data position"]
 
 
 def auto_batch_size(

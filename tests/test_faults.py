@@ -625,3 +625,35 @@ def test_an_output_folder_inside_another_runs_checkpoints_is_refused(tmp_path):
         assert f"training.output_dir: {inner} lies inside " in message
         assert "belongs to another run" in message
     assert not (a / "checkpoints" / "mine").exists() and not (a / "model" / "sub").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Resume: the data, the recipe
+
+
+def test_a_resume_onto_changed_data_is_refused_unless_forced(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"{i} + 2 =", "completion": f" {i + 2}"} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    settings = [f"data.source={data}", "training.save_every=2", "training.eval_every=0"]
+    assert train(out, *settings, "training.max_steps=2").exit_code == 0
+    rows[7]["completion"] = " 10"  # one answer edited under the run: same size, same rows
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = {p: (out / p).read_bytes() for p in ("recipe.yaml", "metrics.jsonl")}
+
+    refused = train(out, *settings, "training.max_steps=4", flags=["--resume"])
+    assert refused.exit_code == 2, refused.output
+    message = " ".join(refused.output.split())
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert f"the training data ({data}" in message
+    assert f"is not the data the checkpoint {checkpoint} was trained on" in message
+    assert "pass --force to continue on this data" in message and "Traceback" not in message
+    assert {p: (out / p).read_bytes() for p in written} == written  # nothing rewritten
+
+    forced = train(out, *settings, "training.max_steps=4", flags=["--resume", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "continuing on it (--force)" in forced.output
+    # The next checkpoint records the new data: resuming from it needs no --force.
+    again = train(out, *settings, "training.max_steps=5", flags=["--resume"])
+    assert again.exit_code == 0, again.output
