@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -62,8 +63,31 @@ FORMAT_VERSION = 3
 SHARDS = "shards"  # the DCP folder of a sharded checkpoint
 
 
+# The exit code of a run stopped because a file could not be written (a full disk, a
+# folder gone or read-only): everything saved before is intact, the message says so.
+EXIT_WRITE_FAILED = 5
+
+
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message says what to do."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write, or None: the error itself, or the one that
+    safetensors wraps into its SafetensorError ("Error while serializing: I/O error: No
+    space left on device (os error 28)"), which is no OSError."""
+    if isinstance(error, OSError):
+        return error
+    if type(error).__name__ == "SafetensorError":
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+    return None
 
 
 @dataclass
@@ -226,9 +250,10 @@ def _complete(
         _fsync_dir(final.parent)
     except BaseException as e:  # disk full, or a second Ctrl-C: no half-written folder stays
         shutil.rmtree(partial, ignore_errors=True)
-        if not isinstance(e, OSError):
+        cause = os_error_of(e)
+        if cause is None:
             raise
-        _abandon(output_dir, final, partial, e)
+        _abandon(output_dir, final, partial, cause)
     for old in list_checkpoints(output_dir)[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -256,15 +281,16 @@ def _abandon(output_dir: Path, final: Path, partial: Path, error: OSError | Exce
     )
     reason = getattr(error, "strerror", None) or error
     raise CheckpointError(
-        f"could not write checkpoint {final}: {reason}; {kept}. Free disk space or change training.output_dir"
+        f"could not write checkpoint {final}: {reason}; {kept}. Free disk space or change training.output_dir",
+        EXIT_WRITE_FAILED,
     ) from None
 
 
 def _first_os_error(error: Exception) -> Exception:
     """The first OSError among the ranks' failures of a DCP save (else the error itself)."""
     for failure in getattr(error, "failures", {}).values():
-        cause = getattr(failure, "exception", failure)
-        if isinstance(cause, OSError):
+        cause = os_error_of(getattr(failure, "exception", failure))
+        if cause is not None:
             return cause
     return error
 

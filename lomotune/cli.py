@@ -72,7 +72,7 @@ def train(
     Several processes (hardware.gpus > 1, or gpus 0 with processes > 1) are started here
     through torch's elastic launcher; under torchrun each process is one of them."""
     from lomotune import distributed
-    from lomotune.checkpoint import CheckpointError
+    from lomotune.checkpoint import EXIT_WRITE_FAILED, CheckpointError
     from lomotune.data import DataError
     from lomotune.models import ModelError
     from lomotune.recipe import RecipeError, load_recipe
@@ -107,13 +107,13 @@ def train(
     except TrainError as e:
         fail(str(e), e.exit_code, getattr(e, "echo", True))
     except CheckpointError as e:
-        fail(str(e), 1, getattr(e, "echo", True))
+        fail(str(e), e.exit_code, getattr(e, "echo", True))
     except OSError as e:  # a full disk, a folder gone: the system's reason, not a traceback
         where = f": {e.filename}" if e.filename else ""
         fail(
             f"{e.strerror or e}{where}. Checkpoints already saved are intact: fix this and "
             "continue with --resume",
-            1,
+            EXIT_WRITE_FAILED,
         )
     except KeyboardInterrupt:
         fail(

@@ -28,10 +28,12 @@ import transformers
 from lomotune import __version__, distributed, run_folder
 from lomotune.allocator import return_freed_memory
 from lomotune.checkpoint import (
+    EXIT_WRITE_FAILED,
     CheckpointError,
     TrainingState,
     list_checkpoints,
     newest_intact_checkpoint,
+    os_error_of,
     read_training_state,
     restore_checkpoint,
     save_checkpoint,
@@ -944,11 +946,15 @@ def save_final(run: Run) -> Path:
     try:
         save_model(run, tmp, weights)
         shutil.copy(run.output_dir / "recipe.yaml", tmp / "lomotune_recipe.yaml")
-    except OSError as e:
+    except Exception as e:  # OSError, or the SafetensorError that wraps one
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = os_error_of(e)
+        if cause is None:
+            raise
         raise CheckpointError(
-            f"could not write the final model to {final}: {e.strerror or e}; the checkpoint "
-            f"{run.saved[1]} is complete. Free disk space, then run again with --resume to write it"
+            f"could not write the final model to {final}: {cause.strerror or cause}; the checkpoint "
+            f"{run.saved[1]} is complete. Free disk space, then run again with --resume to write it",
+            EXIT_WRITE_FAILED,
         ) from None
     if final.exists():
         shutil.rmtree(final)

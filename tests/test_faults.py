@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -397,7 +398,18 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def no_space(kind: str, filename) -> Exception:
+    """What a full disk raises: the OSError, or safetensors' SafetensorError wrapping it
+    (its message as safetensors 0.x writes it on a 64 KiB tmpfs), which is no OSError."""
+    if kind == "safetensors":
+        return SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+    return OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+
+@pytest.mark.parametrize("kind", ["os", "safetensors"])
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, kind):
     out = tmp_path / "run"
     settings = ["training.max_steps=6", "training.save_every=2", "training.eval_every=0"]
     real_save_file, saves, digest = lomotune.checkpoint.save_file, [], {}
@@ -408,13 +420,13 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
             if len(saves) == 2:  # the second checkpoint: half a file, then no space
                 digest["before"] = folder_digest(out / "checkpoints" / "step-000002")
                 Path(filename).write_bytes(b"\0" * 100)
-                raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+                raise no_space(kind, filename)
         return real_save_file(tensors, filename, *args, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(lomotune.checkpoint, "save_file", save_file)
         result = train(out, *settings)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output  # EXIT_WRITE_FAILED
     previous = out / "checkpoints" / "step-000002"
     assert (
         f"could not write checkpoint {out / 'checkpoints' / 'step-000004'}: No space left on "
@@ -432,7 +444,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert_bitwise_equal(weights(out / "model"), weights(reference / "model"))
 
 
-def test_disk_full_while_writing_the_final_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["os", "safetensors"])
+def test_disk_full_while_writing_the_final_model(tmp_path, monkeypatch, kind):
     out = tmp_path / "run"
     real_save_model = lomotune.train.save_model
 
@@ -440,13 +453,13 @@ def test_disk_full_while_writing_the_final_model(tmp_path, monkeypatch):
         if folder.name == ".partial-model":
             (folder / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
             (folder / "model.safetensors").write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise no_space(kind, folder / "model.safetensors")
         return real_save_model(run, folder, weights)
 
     with monkeypatch.context() as m:
         m.setattr(lomotune.train, "save_model", save_model)
         result = train(out, "training.max_steps=3", "training.eval_every=0")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output
     assert f"could not write the final model to {out / 'model'}: No space left on device" in (
         result.output
     )
@@ -472,7 +485,7 @@ def test_disk_full_while_logging_metrics(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(MetricsLog, "write", write)
         result = train(out, "training.max_steps=6", "training.save_every=2")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output
     assert f"No space left on device: {out / 'metrics.jsonl'}" in result.output
     assert "continue with --resume" in result.output and "Traceback" not in result.output
     assert latest_checkpoint(out) == out / "checkpoints" / "step-000004"
