@@ -96,7 +96,12 @@ def train(
             distributed.launch(parsed, ["train", recipe, *overrides, *flags])
             return
         run_training(
-            parsed, overwrite=overwrite, resume=resume, force=force, live=False if plain else None
+            parsed,
+            overwrite=overwrite,
+            resume=resume,
+            force=force,
+            live=False if plain else None,
+            recipe_file=find_recipe(recipe),
         )
     except distributed.LaunchError as e:
         fail(str(e), e.exit_code)

@@ -18,7 +18,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -246,13 +245,6 @@ class Recipe(Section):
     training: TrainingConfig = TrainingConfig()
     hardware: HardwareConfig = HardwareConfig()
     resume: Literal["never", "auto"] = "never"
-    # The YAML file it was read from (None when built in Python): --overwrite refuses an
-    # output folder that holds it.
-    _source_file: Path | None = PrivateAttr(None)
-
-    @property
-    def source_file(self) -> Path | None:
-        return self._source_file
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Recipe:
@@ -352,7 +344,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     recipe = validate_recipe(raw, source)
     if path is not None:
         recipe = resolve_paths(recipe, Path(path).resolve().parent)
-        recipe._source_file = Path(path).resolve()
     return recipe
 
 
@@ -374,6 +365,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError([f"not valid YAML{where}: {problem}"], str(path)) from None
     except OSError as e:
         raise RecipeError([f"cannot read it: {e.strerror}"], str(path)) from None
+    except UnicodeDecodeError as e:  # random bytes, a binary file given as the recipe
+        raise RecipeError(
+            [f"not a YAML recipe: byte {e.start} is not UTF-8 text. Give the recipe's .yaml file"],
+            str(path),
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -128,6 +128,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     live: bool | None = None,
+    recipe_file: Path | None = None,  # the YAML it was read from: --overwrite keeps it
 ) -> dict[str, Any]:
     """Run a recipe to the end; returns the summary. Raises TrainError/RecipeError.
     Under a launcher (several processes) every process calls this; rank 0 decides about
@@ -143,7 +144,14 @@ def train(
     lock = run_folder.OutputLock(Path(recipe.training.output_dir))
     try:
         return train_in(
-            world, recipe, lock, overwrite=overwrite, resume=resume, force=force, live=live
+            world,
+            recipe,
+            lock,
+            overwrite=overwrite,
+            resume=resume,
+            force=force,
+            live=live,
+            recipe_file=recipe_file,
         )
     finally:
         lock.release()
@@ -159,6 +167,7 @@ def train_in(
     resume: bool,
     force: bool,
     live: bool | None,
+    recipe_file: Path | None = None,
 ) -> dict[str, Any]:
     output_dir = Path(recipe.training.output_dir)
     device = distributed.device_of(world, recipe) or pick_device(recipe)
@@ -180,6 +189,7 @@ def train_in(
             overwrite=overwrite,
             resume=resume or recipe.resume == "auto",
             force=force,
+            recipe_file=recipe_file,
         )
 
     checkpoint, damaged = share_from_main(world, decide)  # taken once, by rank 0
@@ -255,7 +265,13 @@ def take_output_dir(lock: run_folder.OutputLock) -> None:
 
 
 def plan_output_dir(
-    output_dir: Path, recipe: Recipe, *, overwrite: bool, resume: bool, force: bool
+    output_dir: Path,
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    resume: bool,
+    force: bool,
+    recipe_file: Path | None = None,
 ) -> tuple[Path | None, list[str]]:
     """Decide what to do with the output folder: (the checkpoint to resume from, one line
     per damaged newer checkpoint passed over). Nothing already written is removed unless
@@ -268,7 +284,7 @@ def plan_output_dir(
         )
     has_content = bool(run_folder.contents(output_dir))
     if overwrite and has_content:
-        overwrite_run(output_dir, recipe)
+        overwrite_run(output_dir, recipe, recipe_file)
         return None, []
     checkpoint, damaged = None, []
     if resume and has_content and list_checkpoints(output_dir):
@@ -311,7 +327,7 @@ def plan_output_dir(
     return None, []
 
 
-def overwrite_run(output_dir: Path, recipe: Recipe) -> None:
+def overwrite_run(output_dir: Path, recipe: Recipe, recipe_file: Path | None) -> None:
     """--overwrite: remove what an earlier run wrote into `output_dir`, and only that."""
     if not run_folder.is_run(output_dir):
         listed = ", ".join(p.name for p in run_folder.contents(output_dir)[:5])
@@ -325,7 +341,7 @@ def overwrite_run(output_dir: Path, recipe: Recipe) -> None:
     inside = run_folder.inputs_inside(
         output_dir,
         {
-            "the recipe": str(recipe.source_file) if recipe.source_file else None,
+            "the recipe": str(recipe_file) if recipe_file else None,
             "the data": source if ":" not in source.split("/")[0] else None,
             "the SuperGLUE folder": recipe.data.superglue_dir,
             "the model": recipe.model.name,
