@@ -670,3 +670,36 @@ def test_a_resume_onto_changed_data_is_refused_unless_forced(tmp_path):
     # The next checkpoint records the new data: resuming from it needs no --force.
     again = train(out, *settings, "training.max_steps=5", flags=["--resume"])
     assert again.exit_code == 0, again.output
+
+
+# ---------------------------------------------------------------------------------------
+# Damaged inputs: one line naming the file, exit 2
+
+
+def test_a_damaged_weights_file_is_named_by_train_and_eval(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "training.max_steps=1", "training.eval_every=0").exit_code == 0
+    weights_file = run / "model" / "model.safetensors"
+    data = weights_file.read_bytes()
+    weights_file.write_bytes(data[: len(data) // 2])  # a copy cut short
+    fixtures = Path(__file__).parent / "fixtures" / "superglue" / "hub"
+    results = [
+        train(tmp_path / "next", f"model.name={run / 'model'}"),
+        runner.invoke(app, ["eval", "--model", str(run / "model"), "--tasks", "rte",
+                            "--data-dir", str(fixtures), "--precision", "fp32"]),
+    ]  # fmt: skip
+    for result in results:
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert f"{weights_file} is not a readable safetensors file" in message
+        assert "Traceback" not in message and "SafetensorError" not in message
+    assert not (tmp_path / "next").exists()
+
+
+def test_a_recipe_of_random_bytes_is_one_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(bytes(random.Random(7).randrange(256) for _ in range(2000)))
+    result = runner.invoke(app, ["train", str(recipe), "--plain"])
+    assert result.exit_code == 2, result.output
+    assert "not a YAML recipe: byte" in result.output and "is not UTF-8 text" in result.output
+    assert "Traceback" not in result.output
