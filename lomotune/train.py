@@ -402,6 +402,16 @@ def setup(
     empty = world.is_distributed and not world.is_main and distributed.shards(recipe)
     loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd", empty=empty)
     model_config = loaded.model.config
+    context = getattr(model_config, "max_position_embeddings", None)
+    if (
+        context and recipe.data.max_length > context
+    ):  # positions the model has no rotary/embedding for
+        raise TrainError(
+            f"data.max_length: {recipe.data.max_length} is beyond the context of model "
+            f"{recipe.model.name!r} ({context} positions, its max_position_embeddings). Set "
+            f"data.max_length: {context} or less",
+            EXIT_BAD_INPUT,
+        )
     lora = opt.lora if opt.lora is not None or opt.name != "qlora-sgd" else LoraConfig()
     if lora is not None:  # qlora-sgd always trains adapters: QLoRA's defaults if none given
         from lomotune.lora import add_lora_adapters

@@ -703,3 +703,16 @@ def test_a_recipe_of_random_bytes_is_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     assert "not a YAML recipe: byte" in result.output and "is not UTF-8 text" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_max_length_beyond_the_models_context_is_refused_at_start(tmp_path):
+    # tiny-llama: max_position_embeddings 512 (lomotune.testing.tiny_llama_config)
+    result = train(tmp_path / "run", "data.max_length=600")
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert (
+        "data.max_length: 600 is beyond the context of model 'tiny-llama' (512 positions, its "
+        "max_position_embeddings). Set data.max_length: 512 or less" in message
+    )
+    assert not (tmp_path / "run").exists() and "Traceback" not in message
+    assert train(tmp_path / "ok", "data.max_length=512", "training.max_steps=1").exit_code == 0
