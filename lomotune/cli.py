@@ -120,6 +120,11 @@ def train(
             "continue with --resume",
             EXIT_WRITE_FAILED,
         )
+    except RuntimeError as e:  # dist.DistError is one
+        lost = distributed.lost_peer(e)
+        if lost is None:
+            raise
+        fail(lost, 1)  # under lomotune's launcher: handed over, which names the dead process
     except KeyboardInterrupt:
         fail(
             "interrupted before a step could finish (a second Ctrl-C, or during start-up); "
@@ -244,6 +249,8 @@ def estimate(
     from lomotune.recipe import RecipeError, load_recipe
 
     notes: list[str] = []
+    if not (0 < gpu_mem < float("inf")):
+        fail(f"--gpu-mem: {gpu_mem:g} is not a size; give the GPU's memory in GiB, e.g. 24", 2)
     try:
         if recipe is not None:
             parsed = load_recipe(find_recipe(recipe), overrides or [])

@@ -240,6 +240,26 @@ def hand_to_launcher(message: str, exit_code: int) -> bool:
     return True
 
 
+def lost_peer(error: BaseException) -> str | None:
+    """One line for a collective that failed because another process of the run is gone
+    (gloo: "Connection reset by peer"; nccl: a DistBackendError), else None. The launcher
+    names the process that died; this one need not print the collective's traceback."""
+    if not under_launcher() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    text = str(error)
+    peer_gone = isinstance(error, dist.DistError) or any(
+        sign in text
+        for sign in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    )
+    if not peer_gone:
+        return None
+    return (
+        f"process {os.environ.get('RANK')} lost another process of the run in a collective "
+        f"({text.strip().splitlines()[0][:160]}); checkpoints already complete are intact: "
+        "continue with --resume"
+    )
+
+
 def _handed_message(folder: Path, rank: int) -> tuple[str, int] | None:
     path = folder / f"rank-{rank}.json"
     if not path.exists():

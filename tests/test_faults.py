@@ -716,3 +716,13 @@ def test_a_max_length_beyond_the_models_context_is_refused_at_start(tmp_path):
     )
     assert not (tmp_path / "run").exists() and "Traceback" not in message
     assert train(tmp_path / "ok", "data.max_length=512", "training.max_steps=1").exit_code == 0
+
+
+@pytest.mark.parametrize("size", ["-5", "0", "inf"])
+def test_estimate_refuses_a_gpu_size_that_is_not_one(size):
+    result = runner.invoke(
+        app, ["estimate", "--model", "tiny-llama", "--max-batch", "--gpu-mem", size]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"--gpu-mem: {float(size):g} is not a size" in result.output
+    assert "largest batch" not in result.output
