@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import random
+import re
 import shutil
 import signal
 import time
@@ -61,6 +62,7 @@ from lomotune.recipe import (
     FUSED_METHODS,
     METHOD_DEFAULTS,
     LoraConfig,
+    OptimizerConfig,
     Recipe,
     RecipeError,
     recipe_to_yaml,
@@ -357,15 +359,20 @@ def overwrite_run(output_dir: Path, recipe: Recipe, recipe_file: Path | None) ->
 
 
 def recipe_differences(saved: dict, current: dict) -> list[str]:
+    """The keys that differ, one line each (the leaves of a section, not the section)."""
     out = []
     for key in RESUME_MUST_MATCH:
-        a, b = saved, current
-        for part in key.split("."):
-            a, b = (a or {}).get(part), (b or {}).get(part)
+        a, b = dig(saved, key), dig(current, key)
         if key == "training.batch_size" and b == "auto":
             continue  # the run takes the checkpoint's batch size
-        if a != b:
-            out.append(f"{key}: checkpoint has {a!r}, recipe has {b!r}")
+        old, new = flat(a, key), flat(b, key)
+        if isinstance(a, dict) != isinstance(b, dict):  # a section on one side only
+            old, new = {key: a}, {key: b}
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                out.append(
+                    f"{name}: checkpoint has {old.get(name)!r}, recipe has {new.get(name)!r}"
+                )
     return out
 
 
@@ -483,6 +490,7 @@ def setup(
     except EstimateError as e:
         predicted_note = f"no memory estimate: {e}"
     warnings = method_warnings(recipe, device)
+    history: list[str] = []  # the values resumes changed, for recipe.yaml's header
     if checkpoint is not None:  # into the model as sharded here, whatever wrote it
         saved_method = read_training_state(checkpoint)[0].recipe.get("optimizer", {}).get("name")
         state = restore_checkpoint(
@@ -496,12 +504,16 @@ def setup(
             notes.append(
                 f"the checkpoint's optimizer state ({saved_method}) was not loaded: {opt.name} starts with fresh state"
             )
+        changes = resume_changes(state.recipe, recipe, state.step, loader, total_steps)
+        notes += changes
         state.recipe = recipe.model_dump(mode="json")
         state.data_fingerprint = data_fingerprint
         if world.is_main:
             truncate_metrics(output_dir / METRICS_FILE, state.step)
+            history = resume_history(output_dir, state.step)
+            history += [f"resumed at step {state.step}: {change}" for change in changes]
     if world.is_main:
-        write_recipe(recipe, output_dir, loaded, world)
+        write_recipe(recipe, output_dir, loaded, world, history)
     title = f"lomotune · {opt.name} · {Path(loaded.source).name} · {recipe.model.precision}"
     if world.is_distributed:
         title += f" · {world.size} processes"
@@ -548,6 +560,66 @@ def same_data_or_force(
             EXIT_BAD_INPUT,
         )
     return [f"{what}; continuing on it (--force) from the checkpoint's data position"]
+
+
+# Keys a resume may change, each with a note of what changes from which step: the
+# schedule and the update rule's settings. Those of RESUME_MUST_MATCH need --force; the
+# rest (eval_every, save_every, log_every, hardware, ...) change nothing that is trained.
+RESUME_NOTED = ("optimizer", "training.max_steps", "training.epochs")
+
+
+def resume_changes(
+    saved: dict, recipe: Recipe, step: int, loader: BatchLoader, total_steps: int
+) -> list[str]:
+    """One line per value that differs from the checkpoint's recipe and changes training
+    from step `step` + 1 on, and one for the lr that step gets where the schedule moved."""
+    current = recipe.model_dump(mode="json")
+    must_match = set(RESUME_MUST_MATCH)
+    notes = []
+    for key in RESUME_NOTED:
+        old, new = flat(dig(saved, key), key), flat(dig(current, key), key)
+        for name in sorted(set(old) | set(new)):
+            if any(name == m or name.startswith(m + ".") for m in must_match):
+                continue  # refused without --force, named by recipe_differences
+            if old.get(name) != new.get(name):
+                notes.append(
+                    f"{name}: {old.get(name)!r} -> {new.get(name)!r} from step {step + 1} "
+                    f"(steps 1-{step} ran with {old.get(name)!r})"
+                )
+    if notes:
+        before = OptimizerConfig.model_validate(saved["optimizer"])
+        old_total = saved["training"].get("max_steps") or max(
+            1,
+            math.ceil(
+                saved["training"]["epochs"]
+                * loader.batches_per_epoch
+                / before.gradient_accumulation
+            ),
+        )
+        was, now = lr_at(step, old_total, before), lr_at(step, total_steps, recipe.optimizer)
+        if was != now:
+            notes.append(
+                f"the lr of step {step + 1} is {now:.3g} ({was:.3g} under the checkpoint's "
+                f"recipe): {recipe.optimizer.schedule} schedule over {total_steps} steps, "
+                f"was {old_total}"
+            )
+    return notes
+
+
+def dig(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        tree = (tree or {}).get(part)
+    return tree
+
+
+def flat(value: Any, prefix: str) -> dict[str, Any]:
+    """{"optimizer.clip.mode": "none", ...}: every leaf of a section under its key path."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(flat(v, f"{prefix}.{k}"))
+    return out
 
 
 def auto_batch_size(
@@ -633,15 +705,37 @@ def count_total_steps(recipe: Recipe, loader: BatchLoader) -> int:
     return max(1, math.ceil(t.epochs * loader.batches_per_epoch / micro))
 
 
-def write_recipe(recipe: Recipe, output_dir: Path, loaded: LoadedModel, world: World) -> None:
-    """The resolved recipe next to the outputs, headed by what produced it."""
+def write_recipe(
+    recipe: Recipe,
+    output_dir: Path,
+    loaded: LoadedModel,
+    world: World,
+    history: list[str] = (),  # "resumed at step N: key: old -> new ...": what ran before
+) -> None:
+    """The resolved recipe next to the outputs, headed by what produced it and by every
+    value a resume changed (the steps before ran with the old one)."""
     header = (
         f"# resolved recipe, written by lomotune {__version__} "
         f"(torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()})\n# model loaded from: {loaded.source}\n"
         f"# world_size: {world.size}\n"
     )
+    header += "".join(f"# {line}\n" for line in history)
     (output_dir / "recipe.yaml").write_text(header + recipe_to_yaml(recipe))
+
+
+RESUMED_AT = re.compile(r"^# (resumed at step (\d+): .*)$")
+
+
+def resume_history(output_dir: Path, step: int) -> list[str]:
+    """The "resumed at step N" lines of the run's recipe.yaml, those of steps up to
+    `step` (a resume from an older checkpoint drops the steps after it)."""
+    try:
+        lines = (output_dir / "recipe.yaml").read_text().splitlines()
+    except OSError:
+        return []
+    found = [RESUMED_AT.match(line) for line in lines]
+    return [m.group(1) for m in found if m and int(m.group(2)) <= step]
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import queue
 import random
 import re
@@ -726,3 +727,49 @@ def test_estimate_refuses_a_gpu_size_that_is_not_one(size):
     assert result.exit_code == 2, result.output
     assert f"--gpu-mem: {float(size):g} is not a size" in result.output
     assert "largest batch" not in result.output
+
+
+def cosine_lr(step: int, total: int, lr: float) -> float:
+    """The lr of 0-based `step` under cosine decay to 0 without warmup, written out here."""
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+
+def test_a_resume_that_changes_lr_or_max_steps_says_what_changes_from_which_step(tmp_path):
+    out = tmp_path / "run"
+    settings = ["optimizer.schedule=cosine", "training.save_every=3", "training.eval_every=0"]
+    assert train(out, *settings, "training.max_steps=6").exit_code == 0
+    resumed = train(out, *settings, "training.max_steps=10", "optimizer.lr=0.5", flags=["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    was, now = cosine_lr(6, 6, 0.05), cosine_lr(6, 10, 0.5)  # 0 (the end), then 0.173
+    notes = [
+        "optimizer.lr: 0.05 -> 0.5 from step 7 (steps 1-6 ran with 0.05)",
+        "training.max_steps: 6 -> 10 from step 7 (steps 1-6 ran with 6)",
+        f"the lr of step 7 is {now:.3g} ({was:.3g} under the checkpoint's recipe): cosine "
+        "schedule over 10 steps, was 6",
+    ]
+    for note in notes:
+        assert note in resumed.output
+    # The folder keeps both values: recipe.yaml the new ones, headed by the old.
+    recipe = (out / "recipe.yaml").read_text()
+    for note in notes:
+        assert f"# resumed at step 6: {note}\n" in recipe
+    assert "lr: 0.5\n" in recipe and "max_steps: 10\n" in recipe
+    lrs = [r["lr"] for r in train_records(out)]
+    assert lrs[:6] == pytest.approx([cosine_lr(s, 6, 0.05) for s in range(6)], rel=1e-12)
+    assert lrs[6:] == pytest.approx([cosine_lr(s, 10, 0.5) for s in range(6, 10)], rel=1e-12)
+
+    # Resumed again without a change: no new note, the history stays.
+    again = train(out, *settings, "training.max_steps=10", "optimizer.lr=0.5", flags=["--resume"])
+    assert again.exit_code == 0, again.output
+    assert "from step" not in again.output
+    assert (out / "recipe.yaml").read_text().count("# resumed at step 6:") == 3
+
+
+def test_a_refused_resume_names_only_the_keys_that_differ(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "training.max_steps=2", "training.eval_every=0").exit_code == 0
+    refused = train(out, "training.max_steps=4", "data.max_length=64", flags=["--resume"])
+    assert refused.exit_code == 2, refused.output
+    lines = [line.strip() for line in refused.output.splitlines() if line.strip().startswith("- ")]
+    assert lines == ["- data.max_length: checkpoint has 48, recipe has 64"]
+    assert "'source'" not in refused.output  # not the whole data section
