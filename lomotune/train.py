@@ -587,7 +587,10 @@ def resume_changes(
                     f"(steps 1-{step} ran with {old.get(name)!r})"
                 )
     if notes:
-        before = OptimizerConfig.model_validate(saved["optimizer"])
+        try:
+            before = OptimizerConfig.model_validate(saved["optimizer"])
+        except ValueError:  # written by a version with other keys: the lines above say it
+            return notes
         old_total = saved["training"].get("max_steps") or max(
             1,
             math.ceil(
