@@ -84,7 +84,7 @@ class OutputLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv),
+            "command": " ".join(["lomotune", *sys.argv[1:]]),
         }
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(record).encode())
