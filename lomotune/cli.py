@@ -28,6 +28,8 @@ def fail(message: str, code: int, echo: bool = True) -> None:
     distributed = sys.modules.get("lomotune.distributed")
     if distributed is not None and distributed.hand_to_launcher(message, code):
         raise typer.Exit(code)
+    if code == 2 and distributed is not None and distributed.another_local_rank():
+        echo = False  # under torchrun: printed once per machine, by local rank 0
     if echo:
         err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)

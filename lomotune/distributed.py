@@ -260,6 +260,13 @@ def lost_peer(error: BaseException) -> str | None:
     )
 
 
+def another_local_rank() -> bool:
+    """A process of a launched run other than its machine's local rank 0 (under torchrun,
+    which prints no worker's message for it). A bad input (exit 2: the recipe, a file) is
+    the same in every process of a machine: local rank 0 alone prints it."""
+    return under_launcher() and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
 def _handed_message(folder: Path, rank: int) -> tuple[str, int] | None:
     path = folder / f"rank-{rank}.json"
     if not path.exists():

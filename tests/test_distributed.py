@@ -426,3 +426,15 @@ def test_torchrun_m_lomotune_runs_under_it_and_is_not_launched_again(tmp_path):
     # Launched again, each of the 2 would have started 2 more: 4 ranks, or a port clash.
     assert result.stdout.count("summary:") == 1
     assert (out / "checkpoints" / "step-000002" / "shards" / "__1_0.distcp").exists()
+
+
+def test_bad_input_under_torchrun_is_printed_once(tmp_path):
+    """Every process meets the same missing file: one line, not one per process."""
+    missing = tmp_path / "missing.jsonl"
+    result = cli(
+        "--standalone", "--nproc-per-node", "2", "-m", "lomotune", "train", TINY,
+        f"training.output_dir={tmp_path / 'run'}", f"data.source={missing}",
+        "hardware.processes=2", *COMMON, launcher=(TORCHRUN,),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: data.source: no such file: {missing}") == 1, result.stderr
