@@ -8,7 +8,8 @@ A checkpoint is a folder you can read with your eyes:
         rng.safetensors         torch RNG states
         state.json              step, data position, engine scalars, python/numpy RNG,
                                 the resolved recipe, and the size and sha256 of every
-                                other file of the checkpoint
+                                other file of the checkpoint; its own content's sha256
+                                in "state_sha256"
 
 A run whose model is sharded over several processes (FSDP2: lomo, adalomo, sgd, adamw)
 writes a sharded checkpoint instead, with `torch.distributed.checkpoint` (DCP): no rank
@@ -43,6 +44,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -56,12 +58,36 @@ from safetensors.torch import load_file, save_file
 
 from lomotune.distributed import ALONE, World, gather_objects, is_sharded, share_from_main
 
-FORMAT_VERSION = 2  # 2: state.json records every file's size and sha256
+# 2: state.json records every file's size and sha256; 3: and the sha256 of its own content
+FORMAT_VERSION = 3
 SHARDS = "shards"  # the DCP folder of a sharded checkpoint
+
+
+# The exit code of a run stopped because a file could not be written (a full disk, a
+# folder gone or read-only): everything saved before is intact, the message says so.
+EXIT_WRITE_FAILED = 5
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message says what to do."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write, or None: the error itself, or the one that
+    safetensors wraps into its SafetensorError ("Error while serializing: I/O error: No
+    space left on device (os error 28)"), which is no OSError."""
+    if isinstance(error, OSError):
+        return error
+    if type(error).__name__ == "SafetensorError":
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+    return None
 
 
 @dataclass
@@ -76,6 +102,9 @@ class TrainingState:
     skipped_steps: int
     engine_meta: dict[str, Any]
     recipe: dict[str, Any]
+    # sha256 of the tokenized training set (data.pipeline.fingerprint): a resume onto
+    # other data is refused unless --force
+    data_fingerprint: str | None = None
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -191,6 +220,7 @@ def _complete(
             "bad_steps_in_a_row": state.bad_steps_in_a_row,
             "skipped_steps": state.skipped_steps,
             "engine": state.engine_meta,
+            "data_fingerprint": state.data_fingerprint,
         }
         if sharded:
             payload["sharded"] = True
@@ -211,6 +241,7 @@ def _complete(
             )
         payload["recipe"] = state.recipe
         payload["files"] = file_digests(partial)
+        payload["state_sha256"] = state_digest(payload)
         (partial / "state.json").write_text(json.dumps(payload, indent=1))
         _fsync_tree(partial)
         if final.exists():  # a checkpoint of this very step, e.g. re-saved after resume
@@ -219,9 +250,10 @@ def _complete(
         _fsync_dir(final.parent)
     except BaseException as e:  # disk full, or a second Ctrl-C: no half-written folder stays
         shutil.rmtree(partial, ignore_errors=True)
-        if not isinstance(e, OSError):
+        cause = os_error_of(e)
+        if cause is None:
             raise
-        _abandon(output_dir, final, partial, e)
+        _abandon(output_dir, final, partial, cause)
     for old in list_checkpoints(output_dir)[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -249,31 +281,54 @@ def _abandon(output_dir: Path, final: Path, partial: Path, error: OSError | Exce
     )
     reason = getattr(error, "strerror", None) or error
     raise CheckpointError(
-        f"could not write checkpoint {final}: {reason}; {kept}. Free disk space or change training.output_dir"
+        f"could not write checkpoint {final}: {reason}; {kept}. Free disk space or change training.output_dir",
+        EXIT_WRITE_FAILED,
     ) from None
 
 
 def _first_os_error(error: Exception) -> Exception:
     """The first OSError among the ranks' failures of a DCP save (else the error itself)."""
     for failure in getattr(error, "failures", {}).values():
-        cause = getattr(failure, "exception", failure)
-        if isinstance(cause, OSError):
+        cause = os_error_of(getattr(failure, "exception", failure))
+        if cause is not None:
             return cause
     return error
+
+
+def state_digest(payload: dict) -> str:
+    """The sha256 of state.json's content but its own "state_sha256" (canonical JSON: the
+    same whatever the indentation or key order). One flipped bit in a number (the data
+    position, the step) still parses: this is what catches it."""
+    content = {k: v for k, v in payload.items() if k != "state_sha256"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def read_state_json(folder: Path) -> dict:
+    """state.json of a checkpoint, checked against its own sha256; ValueError (one line)
+    for a file that cannot be read, of another format, or not as written."""
+    try:
+        payload = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"state.json cannot be read ({e})") from None
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        version = payload.get("format_version") if isinstance(payload, dict) else None
+        raise ValueError(
+            f"format {version}, this lomotune reads {FORMAT_VERSION} (written by another version)"
+        )
+    if payload.get("state_sha256") != state_digest(payload):
+        raise ValueError("state.json does not match the sha256 recorded when it was written")
+    return payload
 
 
 def read_training_state(folder: Path) -> tuple[TrainingState, dict]:
     """(training state, raw state.json) of a complete checkpoint, without its tensors."""
     try:
-        payload = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError) as e:
+        payload = read_state_json(folder)
+    except ValueError as e:
         raise CheckpointError(
-            f"checkpoint {folder} cannot be read ({e}); remove it to resume from the one before"
+            f"checkpoint {folder} cannot be used: {e}; remove it to resume from the one before"
         ) from None
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {folder} has format {payload.get('format_version')}, this lomotune reads {FORMAT_VERSION}"
-        )
     state = TrainingState(
         step=payload["step"],
         epoch=payload["epoch"],
@@ -283,6 +338,7 @@ def read_training_state(folder: Path) -> tuple[TrainingState, dict]:
         skipped_steps=payload["skipped_steps"],
         engine_meta=payload["engine"],
         recipe=payload["recipe"],
+        data_fingerprint=payload.get("data_fingerprint"),
     )
     return state, payload
 
@@ -393,14 +449,11 @@ def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
 def verify_checkpoint(folder: Path) -> list[str]:
     """What is wrong with a checkpoint's files (empty when every file is as written)."""
     try:
-        payload = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        return [f"state.json cannot be read ({e})"]
-    if payload.get("format_version") != FORMAT_VERSION or "files" not in payload:
-        return [
-            f"format {payload.get('format_version')}, this lomotune reads {FORMAT_VERSION} "
-            "(written by another version)"
-        ]
+        payload = read_state_json(folder)
+    except ValueError as e:
+        return [str(e)]
+    if not isinstance(payload.get("files"), dict):
+        return ["state.json lists no files"]
     problems = []
     for name, want in payload["files"].items():
         path = folder / name

@@ -53,6 +53,8 @@ def fail(message: str, code: int, echo: bool = True) -> None:
     distributed = sys.modules.get("lomotune.distributed")
     if distributed is not None and distributed.hand_to_launcher(message, code):
         raise typer.Exit(code)
+    if code == 2 and distributed is not None and distributed.another_local_rank():
+        echo = False  # under torchrun: printed once per machine, by local rank 0
     if echo:
         err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
@@ -103,7 +105,7 @@ def train(
     Several processes (hardware.gpus > 1, or gpus 0 with processes > 1) are started here
     through torch's elastic launcher; under torchrun each process is one of them."""
     from lomotune import distributed
-    from lomotune.checkpoint import CheckpointError
+    from lomotune.checkpoint import EXIT_WRITE_FAILED, CheckpointError
     from lomotune.data import DataError
     from lomotune.models import ModelError
     from lomotune.recipe import RecipeError, load_recipe
@@ -133,7 +135,12 @@ def train(
             distributed.launch(parsed, ["train", recipe, *overrides, *flags])
             return
         run_training(
-            parsed, overwrite=overwrite, resume=resume, force=force, live=False if plain else None
+            parsed,
+            overwrite=overwrite,
+            resume=resume,
+            force=force,
+            live=False if plain else None,
+            recipe_file=find_recipe(recipe),
         )
     except distributed.LaunchError as e:
         fail(str(e), e.exit_code)
@@ -144,14 +151,19 @@ def train(
     except TrainError as e:
         fail(str(e), e.exit_code, getattr(e, "echo", True))
     except CheckpointError as e:
-        fail(str(e), 1, getattr(e, "echo", True))
+        fail(str(e), e.exit_code, getattr(e, "echo", True))
     except OSError as e:  # a full disk, a folder gone: the system's reason, not a traceback
         where = f": {e.filename}" if e.filename else ""
         fail(
             f"{e.strerror or e}{where}. Checkpoints already saved are intact: fix this and "
             "continue with --resume",
-            1,
+            EXIT_WRITE_FAILED,
         )
+    except RuntimeError as e:  # dist.DistError is one
+        lost = distributed.lost_peer(e)
+        if lost is None:
+            raise
+        fail(lost, 1)  # under lomotune's launcher: handed over, which names the dead process
     except KeyboardInterrupt:
         fail(
             "interrupted before a step could finish (a second Ctrl-C, or during start-up); "
@@ -292,6 +304,8 @@ def estimate(
     from lomotune.recipe import RecipeError, load_recipe
 
     notes: list[str] = []
+    if not (0 < gpu_mem < float("inf")):
+        fail(f"--gpu-mem: {gpu_mem:g} is not a size; give the GPU's memory in GiB, e.g. 24", 2)
     try:
         if recipe is not None:
             parsed = load_recipe(find_recipe(recipe), overrides or [])

@@ -41,8 +41,11 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -57,6 +60,8 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
 # Set by `launch` for its workers: a folder where a worker that stops with an error leaves
 # its message (`hand_to_launcher`), for the launcher to print once.
 MESSAGES_VARIABLE = "LOMOTUNE_LAUNCHER_MESSAGES"
+# Set by `launch` for its workers: the launcher's pid, whose death ends them too.
+LAUNCHER_PID_VARIABLE = "LOMOTUNE_LAUNCHER_PID"
 
 
 class LaunchError(Exception):
@@ -152,6 +157,7 @@ def launch(recipe: Recipe, argv: list[str]) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="lomotune-messages-") as messages:
         os.environ[MESSAGES_VARIABLE] = messages
+        os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())
         try:
             elastic_launch(config, sys.executable)("-m", "lomotune", *argv)
         except dist.DistNetworkError as e:
@@ -189,6 +195,33 @@ def launch(recipe: Recipe, argv: list[str]) -> None:
             ) from None
         finally:
             os.environ.pop(MESSAGES_VARIABLE, None)
+            os.environ.pop(LAUNCHER_PID_VARIABLE, None)
+
+
+def die_with_launcher() -> None:
+    """A worker of `launch` ends when its launcher dies, however it dies: `kill -9` of
+    the launcher left the workers training and writing checkpoints, a second writer
+    that a later --resume would meet. Linux: the kernel sends SIGKILL at the parent's
+    death (prctl PR_SET_PDEATHSIG); elsewhere a thread watches the parent's pid. A kill
+    loses only the step under way: checkpoints are atomic."""
+    launcher = os.environ.get(LAUNCHER_PID_VARIABLE)
+    if not launcher or not under_launcher():
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    else:
+
+        def watch() -> None:
+            while os.getppid() == int(launcher):
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, daemon=True, name="lomotune-launcher-watch").start()
+    if os.getppid() != int(launcher):  # it died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def hand_to_launcher(message: str, exit_code: int) -> bool:
@@ -201,6 +234,33 @@ def hand_to_launcher(message: str, exit_code: int) -> bool:
     record = {"message": message, "exit_code": exit_code}
     (Path(folder) / f"rank-{os.environ['RANK']}.json").write_text(json.dumps(record))
     return True
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """One line for a collective that failed because another process of the run is gone
+    (gloo: "Connection reset by peer"; nccl: a DistBackendError), else None. The launcher
+    names the process that died; this one need not print the collective's traceback."""
+    if not under_launcher() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    text = str(error)
+    peer_gone = isinstance(error, dist.DistError) or any(
+        sign in text
+        for sign in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    )
+    if not peer_gone:
+        return None
+    return (
+        f"process {os.environ.get('RANK')} lost another process of the run in a collective "
+        f"({text.strip().splitlines()[0][:160]}); checkpoints already complete are intact: "
+        "continue with --resume"
+    )
+
+
+def another_local_rank() -> bool:
+    """A process of a launched run other than its machine's local rank 0 (under torchrun,
+    which prints no worker's message for it). A bad input (exit 2: the recipe, a file) is
+    the same in every process of a machine: local rank 0 alone prints it."""
+    return under_launcher() and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def _handed_message(folder: Path, rank: int) -> tuple[str, int] | None:
@@ -220,6 +280,7 @@ def join(recipe: Recipe) -> World:
     the program that calls `train`) is used as it is. Call `leave(world)` at the end."""
     if not under_launcher():
         return ALONE
+    die_with_launcher()
     world = World(
         rank=int(os.environ["RANK"]),
         local_rank=int(os.environ["LOCAL_RANK"]),

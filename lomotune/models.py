@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
 from lomotune.cache import cache_root
@@ -171,6 +172,21 @@ class LoadedModel:
     source: str  # the folder or hub id it came from
 
 
+def damaged_weights(source: Path | str) -> str | None:
+    """'FILE is not a readable safetensors file (why)' for the first weights file of a
+    local folder whose header does not read (cut short, overwritten), else None:
+    safetensors' own error does not name the file."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(str(source)).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:200]})"
+    return None
+
+
 def load_model(
     cfg: ModelConfig, device: torch.device, *, quantize_4bit: bool = False, empty: bool = False
 ) -> LoadedModel:
@@ -216,7 +232,13 @@ def load_model(
                     )
             else:
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
+            damaged = damaged_weights(source)
+            if damaged:
+                raise ModelError(
+                    f"could not load model {cfg.name!r}: {damaged}. Replace the file with a "
+                    "complete copy of it"
+                ) from None
             raise ModelError(f"could not load model {cfg.name!r} from {source}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

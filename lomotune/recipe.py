@@ -45,7 +45,9 @@ class RecipeError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No float key means anything at inf or nan (optimizer.lr=inf turns every weight
+    # non-finite at step 1): refused with the key's name like any other bad value.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -330,6 +332,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError([f"not valid YAML{where}: {problem}"], str(path)) from None
     except OSError as e:
         raise RecipeError([f"cannot read it: {e.strerror}"], str(path)) from None
+    except UnicodeDecodeError as e:  # random bytes, a binary file given as the recipe
+        raise RecipeError(
+            [f"not a YAML recipe: byte {e.start} is not UTF-8 text. Give the recipe's .yaml file"],
+            str(path),
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

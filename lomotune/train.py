@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import random
+import re
 import shutil
 import signal
 import time
@@ -25,13 +26,15 @@ import numpy as np
 import torch
 import transformers
 
-from lomotune import __version__, distributed, methods
+from lomotune import __version__, distributed, methods, run_folder
 from lomotune.allocator import return_freed_memory
 from lomotune.checkpoint import (
+    EXIT_WRITE_FAILED,
     CheckpointError,
     TrainingState,
     list_checkpoints,
     newest_intact_checkpoint,
+    os_error_of,
     read_training_state,
     restore_checkpoint,
     save_checkpoint,
@@ -39,6 +42,7 @@ from lomotune.checkpoint import (
 from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_metrics
 from lomotune.data import BatchLoader, PreparedData, prepare_data
 from lomotune.data.chat_template import apply_chat_template
+from lomotune.data.pipeline import fingerprint
 from lomotune.distributed import World, any_rank, share_from_main
 from lomotune.estimate import Estimate, EstimateError
 from lomotune.estimate import for_run as estimate_for_run
@@ -58,6 +62,7 @@ from lomotune.optim.schedule import lr_at
 from lomotune.precision import resolve_precision
 from lomotune.recipe import (
     LoraConfig,
+    OptimizerConfig,
     Recipe,
     RecipeError,
     recipe_to_yaml,
@@ -125,6 +130,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     live: bool | None = None,
+    recipe_file: Path | None = None,  # the YAML it was read from: --overwrite keeps it
 ) -> dict[str, Any]:
     """Run a recipe to the end; returns the summary. Raises TrainError/RecipeError.
     Under a launcher (several processes) every process calls this; rank 0 decides about
@@ -136,14 +142,34 @@ def train(
             EXIT_BAD_INPUT,
         )
     world = distributed.join(recipe)
+    # Rank 0 holds the output folder for the run's life: a second run there is refused.
+    lock = run_folder.OutputLock(Path(recipe.training.output_dir))
     try:
-        return train_in(world, recipe, overwrite=overwrite, resume=resume, force=force, live=live)
+        return train_in(
+            world,
+            recipe,
+            lock,
+            overwrite=overwrite,
+            resume=resume,
+            force=force,
+            live=live,
+            recipe_file=recipe_file,
+        )
     finally:
+        lock.release()
         distributed.leave(world)
 
 
 def train_in(
-    world: World, recipe: Recipe, *, overwrite: bool, resume: bool, force: bool, live: bool | None
+    world: World,
+    recipe: Recipe,
+    lock: run_folder.OutputLock,
+    *,
+    overwrite: bool,
+    resume: bool,
+    force: bool,
+    live: bool | None,
+    recipe_file: Path | None = None,
 ) -> dict[str, Any]:
     output_dir = Path(recipe.training.output_dir)
     device = distributed.device_of(world, recipe) or pick_device(recipe)
@@ -158,17 +184,19 @@ def train_in(
         refused = distributed.refusal(recipe, world.size)
         if refused:
             raise RecipeError([refused])
+        take_output_dir(lock)
         return plan_output_dir(
             output_dir,
             recipe,
             overwrite=overwrite,
             resume=resume or recipe.resume == "auto",
             force=force,
+            recipe_file=recipe_file,
         )
 
     checkpoint, damaged = share_from_main(world, decide)  # taken once, by rank 0
     transformers.logging.disable_progress_bar()  # the dashboard is the progress display
-    run = setup(recipe, output_dir, checkpoint, device, live=live, world=world)
+    run = setup(recipe, output_dir, checkpoint, device, live=live, world=world, force=force)
     run.warnings += [f"damaged checkpoint skipped: {d}" for d in damaged]
     run.notes.insert(0, precision.reason)
     if precision.warning:
@@ -206,8 +234,46 @@ def train_in(
 # Setup
 
 
+def take_output_dir(lock: run_folder.OutputLock) -> None:
+    """The output folder's lock, or exit 2 naming the run that holds it."""
+    folder = lock.folder
+    if folder.exists() and not folder.is_dir():
+        raise TrainError(
+            f"training.output_dir: {folder} is a file, not a folder. Set "
+            "training.output_dir to a folder (it is created if missing)",
+            EXIT_BAD_INPUT,
+        )
+    inside = run_folder.enclosing_run_part(folder)
+    if inside is not None:
+        raise TrainError(
+            f"training.output_dir: {folder} lies inside {inside}, which belongs to another run "
+            "(its checkpoint rotation or --overwrite would delete this run). Set "
+            "training.output_dir to a folder outside it",
+            EXIT_BAD_INPUT,
+        )
+    try:
+        lock.acquire()
+    except run_folder.FolderInUse as e:
+        raise TrainError(
+            f"training.output_dir: {folder} is in use by another lomotune run: {e}. Wait for "
+            "it to end (or stop it), or set training.output_dir to another folder",
+            EXIT_BAD_INPUT,
+        ) from None
+    except OSError as e:
+        raise TrainError(
+            f"training.output_dir: cannot create {folder}: {e.strerror or e}. Set it to a folder you can write",
+            EXIT_BAD_INPUT,
+        ) from None
+
+
 def plan_output_dir(
-    output_dir: Path, recipe: Recipe, *, overwrite: bool, resume: bool, force: bool
+    output_dir: Path,
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    resume: bool,
+    force: bool,
+    recipe_file: Path | None = None,
 ) -> tuple[Path | None, list[str]]:
     """Decide what to do with the output folder: (the checkpoint to resume from, one line
     per damaged newer checkpoint passed over). Nothing already written is removed unless
@@ -218,9 +284,9 @@ def plan_output_dir(
             "training.output_dir to a folder (it is created if missing)",
             EXIT_BAD_INPUT,
         )
-    has_content = output_dir.exists() and any(output_dir.iterdir())
+    has_content = bool(run_folder.contents(output_dir))
     if overwrite and has_content:
-        shutil.rmtree(output_dir)
+        overwrite_run(output_dir, recipe, recipe_file)
         return None, []
     checkpoint, damaged = None, []
     if resume and has_content and list_checkpoints(output_dir):
@@ -243,6 +309,13 @@ def plan_output_dir(
                 EXIT_BAD_INPUT,
             )
         return checkpoint, damaged
+    if has_content and not run_folder.is_run(output_dir):
+        listed = ", ".join(p.name for p in run_folder.contents(output_dir)[:5])
+        raise TrainError(
+            f"training.output_dir: {output_dir} is not empty and not a lomotune run's folder "
+            f"(it holds {listed}). Set training.output_dir to a new or empty folder",
+            EXIT_BAD_INPUT,
+        )
     if has_content:
         final = (output_dir / "model").exists()
         if resume and not final and not list((output_dir / "checkpoints").glob("step-*")):
@@ -256,16 +329,50 @@ def plan_output_dir(
     return None, []
 
 
+def overwrite_run(output_dir: Path, recipe: Recipe, recipe_file: Path | None) -> None:
+    """--overwrite: remove what an earlier run wrote into `output_dir`, and only that."""
+    if not run_folder.is_run(output_dir):
+        listed = ", ".join(p.name for p in run_folder.contents(output_dir)[:5])
+        raise TrainError(
+            f"--overwrite: {output_dir} is not a lomotune run's folder (it holds {listed}); "
+            "nothing was removed. --overwrite only replaces an earlier run: set "
+            "training.output_dir to a new or empty folder",
+            EXIT_BAD_INPUT,
+        )
+    source = recipe.data.source
+    inside = run_folder.inputs_inside(
+        output_dir,
+        {
+            "the recipe": str(recipe_file) if recipe_file else None,
+            "the data": source if ":" not in source.split("/")[0] else None,
+            "the SuperGLUE folder": recipe.data.superglue_dir,
+            "the model": recipe.model.name,
+        },
+    )
+    if inside:
+        raise TrainError(
+            f"--overwrite: {output_dir} holds {' and '.join(inside)}, which this run reads; "
+            "nothing was removed. Set training.output_dir to a folder of its own",
+            EXIT_BAD_INPUT,
+        )
+    run_folder.remove_run_outputs(output_dir)
+
+
 def recipe_differences(saved: dict, current: dict) -> list[str]:
+    """The keys that differ, one line each (the leaves of a section, not the section)."""
     out = []
     for key in RESUME_MUST_MATCH:
-        a, b = saved, current
-        for part in key.split("."):
-            a, b = (a or {}).get(part), (b or {}).get(part)
+        a, b = dig(saved, key), dig(current, key)
         if key == "training.batch_size" and b == "auto":
             continue  # the run takes the checkpoint's batch size
-        if a != b:
-            out.append(f"{key}: checkpoint has {a!r}, recipe has {b!r}")
+        old, new = flat(a, key), flat(b, key)
+        if isinstance(a, dict) != isinstance(b, dict):  # a section on one side only
+            old, new = {key: a}, {key: b}
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                out.append(
+                    f"{name}: checkpoint has {old.get(name)!r}, recipe has {new.get(name)!r}"
+                )
     return out
 
 
@@ -289,6 +396,7 @@ def setup(
     *,
     live: bool | None = None,
     world: World = distributed.ALONE,
+    force: bool = False,
 ) -> Run:
     if recipe.hardware.threads:
         torch.set_num_threads(recipe.hardware.threads)
@@ -306,6 +414,16 @@ def setup(
         model_cfg = recipe.model.model_copy(update={"precision": "fp32"})
     loaded = load_model(model_cfg, device, quantize_4bit=method.quantized_base, empty=empty)
     model_config = loaded.model.config
+    context = getattr(model_config, "max_position_embeddings", None)
+    if (
+        context and recipe.data.max_length > context
+    ):  # positions the model has no rotary/embedding for
+        raise TrainError(
+            f"data.max_length: {recipe.data.max_length} is beyond the context of model "
+            f"{recipe.model.name!r} ({context} positions, its max_position_embeddings). Set "
+            f"data.max_length: {context} or less",
+            EXIT_BAD_INPUT,
+        )
     lora = opt.lora if opt.lora is not None or not method.trains_adapters_only else LoraConfig()
     if lora is not None:  # adapter methods always train adapters: QLoRA's defaults if none given
         from lomotune.lora import add_lora_adapters
@@ -314,6 +432,9 @@ def setup(
     apply_chat_template(loaded.tokenizer, recipe.data)
     data = prepare_data(recipe.data, loaded.tokenizer, seed=recipe.training.seed)
     notes = [threads_note(recipe)] if device.type == "cpu" else []
+    data_fingerprint = fingerprint(data.train)
+    if checkpoint is not None:  # before anything in the folder is written
+        notes += same_data_or_force(checkpoint, data, data_fingerprint, force)
     if auto_batch:
         batch, why = share_from_main(  # one choice for every process
             world,
@@ -359,6 +480,7 @@ def setup(
         skipped_steps=0,
         engine_meta={},
         recipe=recipe.model_dump(mode="json"),
+        data_fingerprint=data_fingerprint,
     )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)  # every rank: each writes checkpoint parts
@@ -376,6 +498,7 @@ def setup(
     except EstimateError as e:
         predicted_note = f"no memory estimate: {e}"
     warnings = method_warnings(recipe, device)
+    history: list[str] = []  # the values resumes changed, for recipe.yaml's header
     if checkpoint is not None:  # into the model as sharded here, whatever wrote it
         saved_method = read_training_state(checkpoint)[0].recipe.get("optimizer", {}).get("name")
         state = restore_checkpoint(
@@ -389,11 +512,16 @@ def setup(
             notes.append(
                 f"the checkpoint's optimizer state ({saved_method}) was not loaded: {opt.name} starts with fresh state"
             )
+        changes = resume_changes(state.recipe, recipe, state.step, loader, total_steps)
+        notes += changes
         state.recipe = recipe.model_dump(mode="json")
+        state.data_fingerprint = data_fingerprint
         if world.is_main:
             truncate_metrics(output_dir / METRICS_FILE, state.step)
+            history = resume_history(output_dir, state.step)
+            history += [f"resumed at step {state.step}: {change}" for change in changes]
     if world.is_main:
-        write_recipe(recipe, output_dir, loaded, world)
+        write_recipe(recipe, output_dir, loaded, world, history)
     title = f"lomotune · {opt.name} · {Path(loaded.source).name} · {recipe.model.precision}"
     if world.is_distributed:
         title += f" · {world.size} processes"
@@ -429,6 +557,90 @@ def threads_note(recipe: Recipe) -> str:
         else "torch's default; hardware.threads sets it"
     )
     return f"torch threads: {torch.get_num_threads()} ({who})"
+
+
+def same_data_or_force(
+    checkpoint: Path, data: PreparedData, data_fingerprint: str, force: bool
+) -> list[str]:
+    """Refuse to resume onto training data other than the checkpoint's (a data file
+    edited under the run: the recipe's data section alone does not show it); with --force,
+    a note. Returns the notes to show."""
+    saved = read_training_state(checkpoint)[0].data_fingerprint
+    if saved == data_fingerprint:
+        return []
+    what = (
+        f"the training data ({data.stats.source}: {len(data.train)} examples now) is not the "
+        f"data the checkpoint {checkpoint} was trained on (the tokenized set's sha256 differs)"
+    )
+    if not force:
+        raise TrainError(
+            f"{what}. Resume with the original data, or pass --force to continue on this data",
+            EXIT_BAD_INPUT,
+        )
+    return [f"{what}; continuing on it (--force) from the checkpoint's data position"]
+
+
+# Keys a resume may change, each with a note of what changes from which step: the
+# schedule and the update rule's settings. Those of RESUME_MUST_MATCH need --force; the
+# rest (eval_every, save_every, log_every, hardware, ...) change nothing that is trained.
+RESUME_NOTED = ("optimizer", "training.max_steps", "training.epochs")
+
+
+def resume_changes(
+    saved: dict, recipe: Recipe, step: int, loader: BatchLoader, total_steps: int
+) -> list[str]:
+    """One line per value that differs from the checkpoint's recipe and changes training
+    from step `step` + 1 on, and one for the lr that step gets where the schedule moved."""
+    current = recipe.model_dump(mode="json")
+    must_match = set(RESUME_MUST_MATCH)
+    notes = []
+    for key in RESUME_NOTED:
+        old, new = flat(dig(saved, key), key), flat(dig(current, key), key)
+        for name in sorted(set(old) | set(new)):
+            if any(name == m or name.startswith(m + ".") for m in must_match):
+                continue  # refused without --force, named by recipe_differences
+            if old.get(name) != new.get(name):
+                notes.append(
+                    f"{name}: {old.get(name)!r} -> {new.get(name)!r} from step {step + 1} "
+                    f"(steps 1-{step} ran with {old.get(name)!r})"
+                )
+    if notes:
+        try:
+            before = OptimizerConfig.model_validate(saved["optimizer"])
+        except ValueError:  # written by a version with other keys: the lines above say it
+            return notes
+        old_total = saved["training"].get("max_steps") or max(
+            1,
+            math.ceil(
+                saved["training"]["epochs"]
+                * loader.batches_per_epoch
+                / before.gradient_accumulation
+            ),
+        )
+        was, now = lr_at(step, old_total, before), lr_at(step, total_steps, recipe.optimizer)
+        if was != now:
+            notes.append(
+                f"the lr of step {step + 1} is {now:.3g} ({was:.3g} under the checkpoint's "
+                f"recipe): {recipe.optimizer.schedule} schedule over {total_steps} steps, "
+                f"was {old_total}"
+            )
+    return notes
+
+
+def dig(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        tree = (tree or {}).get(part)
+    return tree
+
+
+def flat(value: Any, prefix: str) -> dict[str, Any]:
+    """{"optimizer.clip.mode": "none", ...}: every leaf of a section under its key path."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(flat(v, f"{prefix}.{k}"))
+    return out
 
 
 def auto_batch_size(
@@ -514,15 +726,37 @@ def count_total_steps(recipe: Recipe, loader: BatchLoader) -> int:
     return max(1, math.ceil(t.epochs * loader.batches_per_epoch / micro))
 
 
-def write_recipe(recipe: Recipe, output_dir: Path, loaded: LoadedModel, world: World) -> None:
-    """The resolved recipe next to the outputs, headed by what produced it."""
+def write_recipe(
+    recipe: Recipe,
+    output_dir: Path,
+    loaded: LoadedModel,
+    world: World,
+    history: list[str] = (),  # "resumed at step N: key: old -> new ...": what ran before
+) -> None:
+    """The resolved recipe next to the outputs, headed by what produced it and by every
+    value a resume changed (the steps before ran with the old one)."""
     header = (
         f"# resolved recipe, written by lomotune {__version__} "
         f"(torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()})\n# model loaded from: {loaded.source}\n"
         f"# world_size: {world.size}\n"
     )
+    header += "".join(f"# {line}\n" for line in history)
     (output_dir / "recipe.yaml").write_text(header + recipe_to_yaml(recipe))
+
+
+RESUMED_AT = re.compile(r"^# (resumed at step (\d+): .*)$")
+
+
+def resume_history(output_dir: Path, step: int) -> list[str]:
+    """The "resumed at step N" lines of the run's recipe.yaml, those of steps up to
+    `step` (a resume from an older checkpoint drops the steps after it)."""
+    try:
+        lines = (output_dir / "recipe.yaml").read_text().splitlines()
+    except OSError:
+        return []
+    found = [RESUMED_AT.match(line) for line in lines]
+    return [m.group(1) for m in found if m and int(m.group(2)) <= step]
 
 
 # ---------------------------------------------------------------------------------------
@@ -836,6 +1070,18 @@ def save_model(run: Run, out: Path, weights: dict[str, torch.Tensor] | None = No
 
 
 def save_final(run: Run) -> Path:
+    # The README's promise: a NaN never reaches a weight. A skipped step keeps NaN losses
+    # out, but an update that overflows a finite weight (an lr far too large) does not
+    # show in the loss until the next step: the last step's weights are checked here.
+    bad = non_finite_weights(run.loaded.model)
+    if any_rank(run.world, bool(bad)):
+        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainError(
+            f"after step {run.state.step} the weights are not finite ({named or 'on another process'}); "
+            f"the final model was not written. Lower optimizer.lr (now {run.recipe.optimizer.lr:g}) "
+            "or enable optimizer.clip, and start again with --overwrite",
+            EXIT_DIVERGED,
+        )
     save(run)
     final = run.output_dir / "model"
     weights = distributed.full_state_dict(run.loaded.model)
@@ -846,17 +1092,31 @@ def save_final(run: Run) -> Path:
     try:
         save_model(run, tmp, weights)
         shutil.copy(run.output_dir / "recipe.yaml", tmp / "lomotune_recipe.yaml")
-    except OSError as e:
+    except Exception as e:  # OSError, or the SafetensorError that wraps one
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = os_error_of(e)
+        if cause is None:
+            raise
         raise CheckpointError(
-            f"could not write the final model to {final}: {e.strerror or e}; the checkpoint "
-            f"{run.saved[1]} is complete. Free disk space, then run again with --resume to write it"
+            f"could not write the final model to {final}: {cause.strerror or cause}; the checkpoint "
+            f"{run.saved[1]} is complete. Free disk space, then run again with --resume to write it",
+            EXIT_WRITE_FAILED,
         ) from None
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     run.dashboard.note(f"final model saved: {final}")
     return final
+
+
+def non_finite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point weights with an inf or nan in this process's part."""
+    out = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        local = t.to_local() if hasattr(t, "to_local") else t  # a shard of FSDP2
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            out.append(name)
+    return out
 
 
 def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:

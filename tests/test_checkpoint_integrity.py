@@ -91,3 +91,24 @@ def test_shard_files_another_machine_wrote_elsewhere_are_named(tmp_path):
     assert written and shard_files_not_here(shards) == []
     (shards / written[0]).unlink()  # what another machine's disk would hold
     assert shard_files_not_here(shards) == [written[0]]
+
+
+def test_one_flipped_bit_in_state_json_is_caught(tmp_path):
+    """state.json is covered like every other file: a bit flipped in its data position
+    still parses, and would resume at the wrong place (other final weights)."""
+    out = tmp_path / "run"
+    assert train(out, 4).exit_code == 0
+    step2, step4 = list_checkpoints(out)
+    state = step4 / "state.json"
+    text = state.read_bytes()
+    at = text.index(b'"index": ') + len(b'"index": ')
+    flipped = text[:at] + bytes([text[at] ^ 0x01]) + text[at + 1 :]  # a digit, another digit
+    state.write_bytes(flipped)
+    assert json.loads(flipped)["index"] != json.loads(text)["index"]  # still valid JSON
+    assert verify_checkpoint(step4) == [
+        "state.json does not match the sha256 recorded when it was written"
+    ]
+    result = train(out, 6, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"damaged checkpoint skipped: {step4}: state.json does not match" in result.output
+    assert f"resumed from {step2} (step 2)" in result.output

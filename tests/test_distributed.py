@@ -273,7 +273,43 @@ def test_a_killed_process_ends_the_run_within_seconds(tmp_path):
     assert launcher.returncode == 1, stdout + stderr
     assert took < 15, took
     assert "process 1 was stopped by SIGKILL; the other processes were stopped" in stderr
+    # Rank 0's failed collective is no news: the launcher's line is all there is.
+    assert "Traceback" not in stdout + stderr and "Connection reset" not in stderr
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_kill_9_of_the_launcher_ends_its_workers(tmp_path):
+    """The workers die with their launcher: none goes on writing checkpoints and metrics
+    that a later --resume would meet as a second writer."""
+    out = tmp_path / "run"
+    launcher = launched_run(out, "training.max_steps=100000", "training.save_every=1")
+    try:
+        wait_for_a_training_step(launcher, out)
+        workers = children(launcher.pid)
+        assert len(workers) == 2
+        launcher.kill()  # SIGKILL: no handler runs, nothing is passed on
+        launcher.wait(timeout=30)  # (its pipes stay open while a worker lives)
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        launcher.stdout.close()
+        launcher.stderr.close()
+    assert not any(alive(pid) for pid in workers)
+    lines = (out / "metrics.jsonl").read_text()
+    time.sleep(1.0)
+    assert (out / "metrics.jsonl").read_text() == lines  # nobody writes any more
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def children(pid: int) -> list[int]:
@@ -392,3 +428,15 @@ def test_torchrun_m_lomotune_runs_under_it_and_is_not_launched_again(tmp_path):
     # Launched again, each of the 2 would have started 2 more: 4 ranks, or a port clash.
     assert result.stdout.count("summary:") == 1
     assert (out / "checkpoints" / "step-000002" / "shards" / "__1_0.distcp").exists()
+
+
+def test_bad_input_under_torchrun_is_printed_once(tmp_path):
+    """Every process meets the same missing file: one line, not one per process."""
+    missing = tmp_path / "missing.jsonl"
+    result = cli(
+        "--standalone", "--nproc-per-node", "2", "-m", "lomotune", "train", TINY,
+        f"training.output_dir={tmp_path / 'run'}", f"data.source={missing}",
+        "hardware.processes=2", *COMMON, launcher=(TORCHRUN,),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: data.source: no such file: {missing}") == 1, result.stderr

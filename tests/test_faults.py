@@ -9,6 +9,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import queue
 import random
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -397,7 +399,18 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def no_space(kind: str, filename) -> Exception:
+    """What a full disk raises: the OSError, or safetensors' SafetensorError wrapping it
+    (its message as safetensors 0.x writes it on a 64 KiB tmpfs), which is no OSError."""
+    if kind == "safetensors":
+        return SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+    return OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+
+@pytest.mark.parametrize("kind", ["os", "safetensors"])
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, kind):
     out = tmp_path / "run"
     settings = ["training.max_steps=6", "training.save_every=2", "training.eval_every=0"]
     real_save_file, saves, digest = lomotune.checkpoint.save_file, [], {}
@@ -408,13 +421,13 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
             if len(saves) == 2:  # the second checkpoint: half a file, then no space
                 digest["before"] = folder_digest(out / "checkpoints" / "step-000002")
                 Path(filename).write_bytes(b"\0" * 100)
-                raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+                raise no_space(kind, filename)
         return real_save_file(tensors, filename, *args, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(lomotune.checkpoint, "save_file", save_file)
         result = train(out, *settings)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output  # EXIT_WRITE_FAILED
     previous = out / "checkpoints" / "step-000002"
     assert (
         f"could not write checkpoint {out / 'checkpoints' / 'step-000004'}: No space left on "
@@ -432,7 +445,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert_bitwise_equal(weights(out / "model"), weights(reference / "model"))
 
 
-def test_disk_full_while_writing_the_final_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["os", "safetensors"])
+def test_disk_full_while_writing_the_final_model(tmp_path, monkeypatch, kind):
     out = tmp_path / "run"
     real_save_model = lomotune.train.save_model
 
@@ -440,13 +454,13 @@ def test_disk_full_while_writing_the_final_model(tmp_path, monkeypatch):
         if folder.name == ".partial-model":
             (folder / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
             (folder / "model.safetensors").write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise no_space(kind, folder / "model.safetensors")
         return real_save_model(run, folder, weights)
 
     with monkeypatch.context() as m:
         m.setattr(lomotune.train, "save_model", save_model)
         result = train(out, "training.max_steps=3", "training.eval_every=0")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output
     assert f"could not write the final model to {out / 'model'}: No space left on device" in (
         result.output
     )
@@ -472,10 +486,290 @@ def test_disk_full_while_logging_metrics(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(MetricsLog, "write", write)
         result = train(out, "training.max_steps=6", "training.save_every=2")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output
     assert f"No space left on device: {out / 'metrics.jsonl'}" in result.output
     assert "continue with --resume" in result.output and "Traceback" not in result.output
     assert latest_checkpoint(out) == out / "checkpoints" / "step-000004"
     resumed = train(out, "training.max_steps=6", "training.save_every=2", flags=["--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in train_records(out)] == list(range(1, 7))
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite weights and recipe values
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "-.inf", ".nan"])
+def test_non_finite_float_keys_are_refused(tmp_path, value):
+    result = train(tmp_path / "run", f"optimizer.lr={value}")
+    assert result.exit_code == 2, result.output
+    assert "optimizer.lr: input should be a finite number" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_final_model_with_a_non_finite_weight_is_never_written(tmp_path, monkeypatch):
+    """The last step's update overflows one weight: its loss was finite, the next step
+    never comes, and the weights must not become the final model."""
+    real_build = lomotune.train.build_engine
+
+    def build(recipe, model, loss_fn):
+        engine = real_build(recipe, model, loss_fn)
+        real_step, calls = engine.step, itertools.count(1)
+
+        def step(batches, lr):
+            result = real_step(batches, lr)
+            if next(calls) == 3:
+                with torch.no_grad():
+                    model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+            return result
+
+        engine.step = step
+        return engine
+
+    monkeypatch.setattr(lomotune.train, "build_engine", build)
+    out = tmp_path / "run"
+    result = train(out, "training.max_steps=3", "training.save_every=2", "training.eval_every=0")
+    assert result.exit_code == 4, result.output
+    assert (
+        "after step 3 the weights are not finite (model.layers.1.mlp.up_proj.weight); "
+        "the final model was not written" in result.output
+    )
+    assert "Traceback" not in result.output
+    assert not (out / "model").exists() and not (out / ".partial-model").exists()
+    assert [c.name for c in list_checkpoints(out)] == ["step-000002"]
+    assert all(
+        torch.isfinite(w).all() for w in weights(out / "checkpoints/step-000002/model").values()
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The output folder: --overwrite, a second run, a folder inside another run
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
+    """`training.output_dir=. --overwrite` from the user's own folder removes nothing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my.yaml").write_text(Path(TINY).read_text())
+    (work / "notes.txt").write_text("mine")
+    result = runner.invoke(
+        app, ["train", str(work / "my.yaml"), f"training.output_dir={work}", THREADS, "--plain",
+              "--overwrite"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"--overwrite: {work} is not a lomotune run's folder (it holds my.yaml, notes.txt)" in (
+        message
+    )
+    assert "nothing was removed" in message and "Traceback" not in message
+    assert sorted(p.name for p in work.iterdir()) == ["my.yaml", "notes.txt"]
+    # Without --overwrite it is refused as well, and not called "an earlier run".
+    plain = runner.invoke(app, ["train", str(work / "my.yaml"), f"training.output_dir={work}"])
+    assert plain.exit_code == 2 and "not a lomotune run's folder" in plain.output
+
+
+def test_overwrite_removes_only_what_the_run_wrote(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "training.max_steps=2", "training.save_every=1").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    before = weights(out / "model")
+    again = train(out, "training.max_steps=1", "optimizer.lr=0.5", flags=["--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [c.name for c in list_checkpoints(out)] == ["step-000001"]  # step 2's is gone
+    assert [r["step"] for r in train_records(out)] == [1]
+    assert any(not torch.equal(before[k], w) for k, w in weights(out / "model").items())
+    assert not (out / ".lomotune.lock").exists()  # released with the run
+
+
+@pytest.mark.parametrize("what", ["recipe", "data", "model"])
+def test_overwrite_refuses_a_run_folder_holding_what_the_run_reads(tmp_path, what):
+    out = tmp_path / "run"
+    assert train(out, "training.max_steps=1").exit_code == 0
+    recipe, overrides = TINY, []
+    if what == "recipe":
+        recipe = str(out / "my.yaml")
+        (out / "my.yaml").write_text(Path(TINY).read_text())
+    elif what == "data":
+        rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(40)]
+        (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        overrides = [f"data.source={out / 'rows.jsonl'}"]
+    else:  # training on from the run's own final model
+        overrides = [f"model.name={out / 'model'}"]
+    before = sorted(p.name for p in out.iterdir())
+    result = runner.invoke(
+        app, ["train", recipe, f"training.output_dir={out}", THREADS, *overrides, "--plain",
+              "--overwrite"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"--overwrite: {out} holds the {what} " in message
+    assert "which this run reads; nothing was removed" in message
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_process(tmp_path):
+    out = tmp_path / "run"
+    first = Child(*long_run(out, "training.save_every=2"), cwd=tmp_path)
+    first.wait_for(r"checkpoint saved: .*step-000002")
+    for flags in (["--resume"], ["--overwrite"], []):
+        second = train(out, "training.max_steps=3", flags=flags)
+        assert second.exit_code == 2, second.output
+        message = " ".join(second.output.split())
+        assert f"{out} is in use by another lomotune run: process {first.proc.pid} on " in message
+        assert "Traceback" not in message
+    assert latest_checkpoint(out) is not None and first.proc.poll() is None  # untouched
+    first.proc.kill()  # SIGKILL: no chance to remove its lock file
+    first.finish()
+    assert (out / ".lomotune.lock").exists()  # stale: its process is gone
+    latest = latest_checkpoint(out)
+    step = int(latest.name.split("-")[1])
+    resumed = train(out, f"training.max_steps={step + 1}", flags=["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resumed from {latest} (step {step})" in resumed.output
+
+
+def test_an_output_folder_inside_another_runs_checkpoints_is_refused(tmp_path):
+    a = tmp_path / "a"
+    assert train(a, "training.max_steps=2", "training.save_every=1").exit_code == 0
+    for inner in (a / "checkpoints" / "mine", a / "checkpoints", a / "model" / "sub"):
+        result = train(inner, "training.max_steps=1")
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert f"training.output_dir: {inner} lies inside " in message
+        assert "belongs to another run" in message
+    assert not (a / "checkpoints" / "mine").exists() and not (a / "model" / "sub").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Resume: the data, the recipe
+
+
+def test_a_resume_onto_changed_data_is_refused_unless_forced(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"{i} + 2 =", "completion": f" {i + 2}"} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    settings = [f"data.source={data}", "training.save_every=2", "training.eval_every=0"]
+    assert train(out, *settings, "training.max_steps=2").exit_code == 0
+    rows[7]["completion"] = " 10"  # one answer edited under the run: same size, same rows
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = {p: (out / p).read_bytes() for p in ("recipe.yaml", "metrics.jsonl")}
+
+    refused = train(out, *settings, "training.max_steps=4", flags=["--resume"])
+    assert refused.exit_code == 2, refused.output
+    message = " ".join(refused.output.split())
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert f"the training data ({data}" in message
+    assert f"is not the data the checkpoint {checkpoint} was trained on" in message
+    assert "pass --force to continue on this data" in message and "Traceback" not in message
+    assert {p: (out / p).read_bytes() for p in written} == written  # nothing rewritten
+
+    forced = train(out, *settings, "training.max_steps=4", flags=["--resume", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "continuing on it (--force)" in forced.output
+    # The next checkpoint records the new data: resuming from it needs no --force.
+    again = train(out, *settings, "training.max_steps=5", flags=["--resume"])
+    assert again.exit_code == 0, again.output
+
+
+# ---------------------------------------------------------------------------------------
+# Damaged inputs: one line naming the file, exit 2
+
+
+def test_a_damaged_weights_file_is_named_by_train_and_eval(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "training.max_steps=1", "training.eval_every=0").exit_code == 0
+    weights_file = run / "model" / "model.safetensors"
+    data = weights_file.read_bytes()
+    weights_file.write_bytes(data[: len(data) // 2])  # a copy cut short
+    fixtures = Path(__file__).parent / "fixtures" / "superglue" / "hub"
+    results = [
+        train(tmp_path / "next", f"model.name={run / 'model'}"),
+        runner.invoke(app, ["eval", "--model", str(run / "model"), "--tasks", "rte",
+                            "--data-dir", str(fixtures), "--precision", "fp32"]),
+    ]  # fmt: skip
+    for result in results:
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert f"{weights_file} is not a readable safetensors file" in message
+        assert "Traceback" not in message and "SafetensorError" not in message
+    assert not (tmp_path / "next").exists()
+
+
+def test_a_recipe_of_random_bytes_is_one_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(bytes(random.Random(7).randrange(256) for _ in range(2000)))
+    result = runner.invoke(app, ["train", str(recipe), "--plain"])
+    assert result.exit_code == 2, result.output
+    assert "not a YAML recipe: byte" in result.output and "is not UTF-8 text" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_max_length_beyond_the_models_context_is_refused_at_start(tmp_path):
+    # tiny-llama: max_position_embeddings 512 (lomotune.testing.tiny_llama_config)
+    result = train(tmp_path / "run", "data.max_length=600")
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert (
+        "data.max_length: 600 is beyond the context of model 'tiny-llama' (512 positions, its "
+        "max_position_embeddings). Set data.max_length: 512 or less" in message
+    )
+    assert not (tmp_path / "run").exists() and "Traceback" not in message
+    assert train(tmp_path / "ok", "data.max_length=512", "training.max_steps=1").exit_code == 0
+
+
+@pytest.mark.parametrize("size", ["-5", "0", "inf"])
+def test_estimate_refuses_a_gpu_size_that_is_not_one(size):
+    result = runner.invoke(
+        app, ["estimate", "--model", "tiny-llama", "--max-batch", "--gpu-mem", size]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"--gpu-mem: {float(size):g} is not a size" in result.output
+    assert "largest batch" not in result.output
+
+
+def cosine_lr(step: int, total: int, lr: float) -> float:
+    """The lr of 0-based `step` under cosine decay to 0 without warmup, written out here."""
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+
+
+def test_a_resume_that_changes_lr_or_max_steps_says_what_changes_from_which_step(tmp_path):
+    out = tmp_path / "run"
+    settings = ["optimizer.schedule=cosine", "training.save_every=3", "training.eval_every=0"]
+    assert train(out, *settings, "training.max_steps=6").exit_code == 0
+    resumed = train(out, *settings, "training.max_steps=10", "optimizer.lr=0.5", flags=["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    was, now = cosine_lr(6, 6, 0.05), cosine_lr(6, 10, 0.5)  # 0 (the end), then 0.173
+    notes = [
+        "optimizer.lr: 0.05 -> 0.5 from step 7 (steps 1-6 ran with 0.05)",
+        "training.max_steps: 6 -> 10 from step 7 (steps 1-6 ran with 6)",
+        f"the lr of step 7 is {now:.3g} ({was:.3g} under the checkpoint's recipe): cosine "
+        "schedule over 10 steps, was 6",
+    ]
+    for note in notes:
+        assert note in resumed.output
+    # The folder keeps both values: recipe.yaml the new ones, headed by the old.
+    recipe = (out / "recipe.yaml").read_text()
+    for note in notes:
+        assert f"# resumed at step 6: {note}\n" in recipe
+    assert "lr: 0.5\n" in recipe and "max_steps: 10\n" in recipe
+    lrs = [r["lr"] for r in train_records(out)]
+    assert lrs[:6] == pytest.approx([cosine_lr(s, 6, 0.05) for s in range(6)], rel=1e-12)
+    assert lrs[6:] == pytest.approx([cosine_lr(s, 10, 0.5) for s in range(6, 10)], rel=1e-12)
+
+    # Resumed again without a change: no new note, the history stays.
+    again = train(out, *settings, "training.max_steps=10", "optimizer.lr=0.5", flags=["--resume"])
+    assert again.exit_code == 0, again.output
+    assert "from step" not in again.output
+    assert (out / "recipe.yaml").read_text().count("# resumed at step 6:") == 3
+
+
+def test_a_refused_resume_names_only_the_keys_that_differ(tmp_path):
+    out = tmp_path / "run"
+    assert train(out, "training.max_steps=2", "training.eval_every=0").exit_code == 0
+    refused = train(out, "training.max_steps=4", "data.max_length=64", flags=["--resume"])
+    assert refused.exit_code == 2, refused.output
+    lines = [line.strip() for line in refused.output.splitlines() if line.strip().startswith("- ")]
+    assert lines == ["- data.max_length: checkpoint has 48, recipe has 64"]
+    assert "'source'" not in refused.output  # not the whole data section

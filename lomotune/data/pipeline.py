@@ -9,6 +9,7 @@ of the next.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,18 @@ class PreparedData:
     pad_id: int  # what the loader pads with; never attended to and never in the loss
     add_bos: bool = False  # the tokenizer puts BOS first by default, so examples start with it
     bad_row_examples: list[tuple[int, str]] = field(default_factory=list)
+
+
+def fingerprint(examples: list[TokenizedExample]) -> str:
+    """The sha256 of a tokenized set (every example's ids and labels, in order): what a
+    checkpoint was trained on, whatever file, hub set or format it came from. A data file
+    edited under a run changes it; the same data read again does not."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.asarray([len(ex.input_ids)], dtype=np.int64).tobytes())
+        h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def prepare_data(
