@@ -336,43 +336,59 @@ def shards(recipe: Recipe) -> bool:
     return recipe.optimizer.name in SHARDED_METHODS
 
 
-def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World, device: torch.device):
+def distribute(
+    model: torch.nn.Module,
+    loss_fn,
+    recipe: Recipe,
+    world: World,
+    device: torch.device,
+    weights: torch.nn.Module | None = None,
+):
     """Shard `model` in place for methods that shard (FSDP2: each decoder layer a unit,
     the rest the root unit), or make its replicas equal for the others, and return the
     loss function every engine calls: the rank's share of each batch, summed over ranks
-    (`DataParallelLoss`)."""
+    (`DataParallelLoss`). A sharded `model` arrives on the meta device on every rank;
+    `weights` is the whole model in rank 0's CPU memory (None on the other ranks), whose
+    tensors are sent one by one as shards: no device ever holds the whole model."""
     if shards(recipe):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
         )
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import (
+            FSDPModule,
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
 
-        # Rank 0 alone read the weights; the others built the model on the meta device,
-        # so no rank but 0 ever holds the whole model (rank 0 until its shards are sent).
-        whole_weights = model.state_dict() if world.is_main else {}
-
+        # Gradients are reduce-scattered in fp32 whatever the weights' dtype: a bf16 sum
+        # over N ranks rounds at every addition (each shard's gradient is cast back to
+        # the weights' dtype after the sum).
+        mp_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         # Layers free their gathered weights after forward; the root keeps its own
         # (embeddings, norm, head: backward needs them at once). FSDP2's defaults, said
         # here because `whole_model` sets them back.
         for layer in model.get_decoder().layers:
-            fully_shard(layer, reshard_after_forward=True)
-        fully_shard(model, reshard_after_forward=False)
+            fully_shard(layer, reshard_after_forward=True, mp_policy=mp_policy)
+        fully_shard(model, reshard_after_forward=False, mp_policy=mp_policy)
         for module in model.modules():
-            if hasattr(module, "set_gradient_divide_factor"):
+            if isinstance(module, FSDPModule):
                 # Summed, not averaged: DataParallelLoss divides by the global token
                 # count. Plain sums: gloo has no pre-multiplied or averaging reduction.
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
-        if not world.is_main:
-            model.to_empty(device=device)  # this rank's shards, uninitialized
-        set_model_state_dict(
+        model.to_empty(device=device)  # this rank's shards, uninitialized
+        set_model_state_dict(  # rank 0 sends each tensor's shards, one tensor at a time
             model,
-            whole_weights,
+            weights.state_dict() if world.is_main else {},
             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
         )
-        del whole_weights
-        for buffer in model.buffers():  # computed, not saved: RoPE's inverse frequencies
+        # Computed, not saved (RoPE's inverse frequencies): rank 0's, sent to the others.
+        computed = dict(weights.named_buffers()) if world.is_main else {}
+        for name, buffer in model.named_buffers():
+            if world.is_main:
+                buffer.copy_(computed[name])
             dist.broadcast(buffer, src=0)
         # The chunked loss calls the decoder and the head's weight itself, not
         # model.forward: make it an entry point that unshards the root unit as forward would.

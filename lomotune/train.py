@@ -297,9 +297,14 @@ def setup(
     meter = MemoryMeter(device)
     auto_batch = recipe.training.batch_size == "auto"
     budget = estimate_for_run.device_budget(device) if auto_batch else None  # model not loaded
-    # A sharded run reads the weights on rank 0 only; the other ranks get their shards.
-    empty = world.is_distributed and not world.is_main and distributed.shards(recipe)
-    loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd", empty=empty)
+    # A sharded run builds the model on the meta device on every rank; rank 0 alone reads
+    # the weights, into CPU memory, and sends each rank its shards (`distribute`): no
+    # device ever holds the whole model.
+    sharded = world.is_distributed and distributed.shards(recipe)
+    loaded = load_model(recipe.model, device, quantize_4bit=opt.name == "qlora-sgd", empty=sharded)
+    weights = (
+        load_model(recipe.model, torch.device("cpu")).model if sharded and world.is_main else None
+    )
     model_config = loaded.model.config
     lora = opt.lora if opt.lora is not None or opt.name != "qlora-sgd" else LoraConfig()
     if lora is not None:  # qlora-sgd always trains adapters: QLoRA's defaults if none given
@@ -340,7 +345,8 @@ def setup(
         return causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
 
     if world.is_distributed:
-        loss_fn = distributed.distribute(model, loss_fn, recipe, world, device)
+        loss_fn = distributed.distribute(model, loss_fn, recipe, world, device, weights)
+        del weights  # rank 0's CPU copy: its tensors were sent
     engine = build_engine(recipe, model, loss_fn)
     state = TrainingState(
         step=0,

@@ -390,3 +390,31 @@ def test_torchrun_m_lomotune_runs_under_it_and_is_not_launched_again(tmp_path):
     # Launched again, each of the 2 would have started 2 more: 4 ranks, or a port clash.
     assert result.stdout.count("summary:") == 1
     assert (out / "checkpoints" / "step-000002" / "shards" / "__1_0.distcp").exists()
+
+
+def test_a_sharded_load_fills_the_shards_from_rank_0_and_no_device_holds_the_whole_model(
+    tmp_path,
+):
+    """Two processes (gloo) set up a bf16 lomo run: the model reaches `distribute` on the
+    meta device on every rank, rank 0's included (0 bytes on the device; rank 0 read the
+    weights into CPU memory), and after it each rank's shard of every weight is its rows of
+    the model's own weights, bit for bit; gradients are reduce-scattered in fp32."""
+    from lomotune.testing import tiny_llama
+
+    launched = cli(
+        "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "sharded_load.py"),
+        str(tmp_path), launcher=(TORCHRUN,),
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    reference = tiny_llama(dtype=torch.bfloat16).state_dict()  # the weights tiny-llama loads
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["bytes_on_device"] == 0, rank
+        assert seen["param_dtypes"] == ["torch.bfloat16"]
+        assert seen["reduce_dtypes"] == ["torch.float32"]
+        shards = load_file(tmp_path / f"rank{rank}.safetensors")
+        assert shards.keys() <= reference.keys() and len(shards) > 5
+        for name, shard in shards.items():
+            rows = -(-reference[name].shape[0] // 2)  # FSDP2: dim 0 in equal chunks
+            expected = reference[name][rank * rows : (rank + 1) * rows]
+            assert torch.equal(shard, expected), (rank, name)
