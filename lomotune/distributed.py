@@ -317,12 +317,35 @@ def missing_gpus(hw: HardwareConfig) -> str | None:
     return None
 
 
+# The oldest torch lomotune runs on, as pyproject.toml requires it (a test compares them).
+TORCH_FLOOR = "2.12"
+
+
+def torch_lacks_sum_reduction() -> str | None:
+    """Why this torch cannot sum a sharded method's gradients over ranks (None when it
+    can): FSDP2 averages them unless told otherwise, and the loss is already divided by
+    the global token count, so every step would be N times too small on N processes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for name in ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms"):
+        if not hasattr(FSDPModule, name):
+            return (
+                f"torch {torch.__version__} has no FSDPModule.{name}, which sharded methods "
+                "need to sum gradients over processes (FSDP2 would average them: N-times "
+                f"smaller steps on N processes). Install torch>={TORCH_FLOOR}, as lomotune "
+                "requires"
+            )
+    return None
+
+
 def refusal(recipe: Recipe, world_size: int) -> str | None:
     """Why this recipe cannot run on `world_size` processes (None when it can)."""
     if world_size <= 1:
         return None
     if missing_gpus(recipe.hardware):
         return missing_gpus(recipe.hardware)
+    if shards(recipe) and torch_lacks_sum_reduction():
+        return torch_lacks_sum_reduction()
     if recipe.training.batch_size != "auto" and recipe.training.batch_size < world_size:
         return (
             f"training.batch_size: {recipe.training.batch_size} rows cannot be split over "
@@ -376,6 +399,7 @@ def distribute(
             if isinstance(module, FSDPModule):
                 # Summed, not averaged: DataParallelLoss divides by the global token
                 # count. Plain sums: gloo has no pre-multiplied or averaging reduction.
+                # (`refusal` checked that this torch has both.)
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
         model.to_empty(device=device)  # this rank's shards, uninitialized

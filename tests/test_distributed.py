@@ -30,7 +30,9 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from typer.testing import CliRunner
 
+from lomotune import distributed
 from lomotune.cli import app
+from lomotune.recipe import load_recipe
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "lomotune" / "recipes" / "tiny.yaml")
@@ -418,3 +420,25 @@ def test_a_sharded_load_fills_the_shards_from_rank_0_and_no_device_holds_the_who
             rows = -(-reference[name].shape[0] // 2)  # FSDP2: dim 0 in equal chunks
             expected = reference[name][rank * rows : (rank + 1) * rows]
             assert torch.equal(shard, expected), (rank, name)
+
+
+def test_a_torch_without_fsdp2_sum_reduction_is_refused_with_the_floor(tmp_path, monkeypatch):
+    """A torch whose FSDP2 cannot be told to sum (before 2.8) would average the gradients
+    of an already globally normalized loss: refused before any process starts, exit 2,
+    naming the torch lomotune requires; the data-parallel methods are not concerned."""
+    from torch.distributed.fsdp import FSDPModule
+
+    monkeypatch.delattr(FSDPModule, "set_gradient_divide_factor")
+    args = ["train", TINY, f"training.output_dir={tmp_path / 'out'}", "hardware.gpus=0",
+            "hardware.processes=2", "optimizer.name=lomo", "--plain"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "has no FSDPModule.set_gradient_divide_factor" in result.output
+    assert f"Install torch>={distributed.TORCH_FLOOR}" in result.output
+    recipe = load_recipe(TINY, ["hardware.gpus=0", "optimizer.name=mezo"])
+    assert distributed.refusal(recipe, 2) is None
+
+
+def test_the_torch_floor_in_the_code_is_the_one_pyproject_requires():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'"torch>={distributed.TORCH_FLOOR}",' in pyproject
