@@ -254,11 +254,32 @@ def device_of(world: World, recipe: Recipe) -> torch.device | None:
     return None
 
 
+# Rank 0 alone may work for long inside `share_from_main` (writing a large model's
+# checkpoint or final folder, hashing every shard file: minutes at disk speed for tens of
+# GB) while the others wait for its answer. They wait in a gloo group of their own with
+# this timeout: the run's group keeps its 10 minutes, the hang detector of the training
+# collectives, which a slow disk must not trip.
+RANK_0_ALONE_TIMEOUT = timedelta(hours=2)
+_waiting_groups: dict = {}  # the run's group -> its group for waiting on rank 0
+
+
+def _waiting_group():
+    """The group `share_from_main` waits in (made once per process group, by every rank
+    at the same call: `share_from_main` is called by every rank in the same order)."""
+    run_group = dist.group.WORLD
+    if run_group not in _waiting_groups:
+        _waiting_groups.clear()  # a destroyed run group took its subgroups with it
+        _waiting_groups[run_group] = dist.new_group(backend="gloo", timeout=RANK_0_ALONE_TIMEOUT)
+    return _waiting_groups[run_group]
+
+
 def share_from_main(world: World, make):
     """Run `make()` on rank 0 only and return its value (or raise its exception) on every
-    rank: decisions about the output folder are taken once."""
+    rank: decisions about the output folder are taken once, files rank 0 writes alone are
+    written once. The other ranks wait up to RANK_0_ALONE_TIMEOUT."""
     if not world.is_distributed:
         return make()
+    group = _waiting_group()
     box: list = [None]
     if world.is_main:
         try:
@@ -267,7 +288,7 @@ def share_from_main(world: World, make):
             # Class, args and attributes: our errors' __init__ takes more than a message.
             box[0] = ("error", (type(e), e.args, vars(e)))
             error = e
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     kind, payload = box[0]
     if kind == "value":
         return payload

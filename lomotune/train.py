@@ -822,8 +822,14 @@ def save_final(run: Run) -> Path:
     save(run)
     final = run.output_dir / "model"
     weights = distributed.full_state_dict(run.loaded.model)
-    if not run.world.is_main:
-        return final
+    # Rank 0 writes it alone (minutes for a large model): the others wait for it in
+    # share_from_main, with its long timeout, not in the next collective with the run's.
+    share_from_main(run.world, lambda: write_final(run, final, weights))
+    return final
+
+
+def write_final(run: Run, final: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    """The final model folder, written to a temporary folder and renamed (rank 0)."""
     tmp = run.output_dir / ".partial-model"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -839,7 +845,6 @@ def save_final(run: Run) -> Path:
         shutil.rmtree(final)
     tmp.rename(final)
     run.dashboard.note(f"final model saved: {final}")
-    return final
 
 
 def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:

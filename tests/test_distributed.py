@@ -442,3 +442,37 @@ def test_a_torch_without_fsdp2_sum_reduction_is_refused_with_the_floor(tmp_path,
 def test_the_torch_floor_in_the_code_is_the_one_pyproject_requires():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"torch>={distributed.TORCH_FLOOR}",' in pyproject
+
+
+def _slow_rank_0(rank: int, port: int, out: str) -> None:
+    """One of 2 processes whose group times out after 2 s: rank 0 works 5 s alone inside
+    share_from_main (a large checkpoint written and hashed), then every rank meets again."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=2),
+    )  # fmt: skip
+    world = distributed.World(rank=rank, local_rank=rank, size=2)
+    try:
+        got = distributed.share_from_main(world, lambda: time.sleep(5) or "written")
+        got += f" {distributed.gather_floats(world, float(rank))}"  # the run's group again
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    Path(out, f"rank{rank}").write_text(got)
+    dist.destroy_process_group()
+
+
+def test_rank_0_working_alone_longer_than_the_collective_timeout_is_waited_for(tmp_path):
+    """The run's collectives time out (10 minutes; 2 s here) to catch a hang, but rank 0
+    alone writing or hashing a large checkpoint may take longer while the others wait for
+    its answer: they wait in share_from_main's own group (RANK_0_ALONE_TIMEOUT)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_slow_rank_0, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}").read_text() == "written [0.0, 1.0]"
+    assert distributed.RANK_0_ALONE_TIMEOUT.total_seconds() >= 3600
