@@ -55,9 +55,11 @@ from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
 from lomotune.optim.rounding import as_int64, hash64_at
 from lomotune.optim.seeds import mix64
 
-# Elements of z drawn at a time: the hash's int64 and fp32 scratch (about 20 bytes an
-# element) stays at 80 MB however large the parameter.
+# Elements of z drawn at a time: the hash's int64 and fp32 temporaries (at most
+# Z_SCRATCH_BYTES an element, counted by MemTracker under `estimate --simulate`) stay at
+# 128 MB however large the parameter, in about 15 kernels per chunk on a GPU.
 Z_CHUNK = 1 << 22
+Z_SCRATCH_BYTES = 32
 
 
 def no_weight_decay(name: str) -> bool:
@@ -231,4 +233,5 @@ def standard_normal(
         u2 = ((bits >> 16) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24 * 2 * math.pi)
         del bits
         flat[start : start + n] = u1.log_().mul_(-2.0).sqrt_().mul_(u2.cos_())
+        del u1, u2  # before the next chunk's hash
     return out
