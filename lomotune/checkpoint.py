@@ -363,14 +363,14 @@ def restore_checkpoint(
         else:
             _read_whole_weights(folder / "model", model, world)
             tensors = load_file(folder / "optimizer.safetensors") if engine_state else {}
-    except (OSError, ValueError, RuntimeError) as e:
+        restore_rng(folder, payload, world.rank)
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError) as e:
         raise CheckpointError(
             f"checkpoint {folder} cannot be read ({str(e).splitlines()[0][:300]}); remove it to "
             "resume from the one before"
         ) from None
     if engine_state:
         engine.load_state_dict(tensors, state.engine_meta)
-    restore_rng(folder, payload, world.rank)
     return state
 
 
@@ -497,9 +497,13 @@ def restore_rng(folder: Path, payload: dict, rank: int = 0) -> None:
         python_rng, numpy_rng = payload["python_rng"], payload["numpy_rng"]
     torch.set_rng_state(states["torch"])
     if torch.cuda.is_available():
-        cuda = [states[k] for k in sorted(states) if k.startswith("cuda/")]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
+        # Each visible GPU takes the state saved for its index (numbered, not sorted as
+        # strings: cuda/10 after cuda/2). A GPU saved but not visible now has no generator
+        # to restore; one visible now but not then keeps its seeded state.
+        visible = torch.cuda.device_count()
+        for key, state in states.items():
+            if key.startswith("cuda/") and int(key.removeprefix("cuda/")) < visible:
+                torch.cuda.set_rng_state(state, int(key.removeprefix("cuda/")))
     version, internal, gauss = python_rng
     random.setstate((version, tuple(internal), gauss))
     np.random.set_state(tuple(numpy_rng))  # type: ignore[arg-type]

@@ -311,11 +311,32 @@ def device_of(world: World, recipe: Recipe) -> torch.device | None:
     return None
 
 
+# Rank 0 alone may work for long inside `share_from_main` (writing a large model's
+# checkpoint or final folder, hashing every shard file: minutes at disk speed for tens of
+# GB) while the others wait for its answer. They wait in a gloo group of their own with
+# this timeout: the run's group keeps its 10 minutes, the hang detector of the training
+# collectives, which a slow disk must not trip.
+RANK_0_ALONE_TIMEOUT = timedelta(hours=2)
+_waiting_groups: dict = {}  # the run's group -> its group for waiting on rank 0
+
+
+def _waiting_group():
+    """The group `share_from_main` waits in (made once per process group, by every rank
+    at the same call: `share_from_main` is called by every rank in the same order)."""
+    run_group = dist.group.WORLD
+    if run_group not in _waiting_groups:
+        _waiting_groups.clear()  # a destroyed run group took its subgroups with it
+        _waiting_groups[run_group] = dist.new_group(backend="gloo", timeout=RANK_0_ALONE_TIMEOUT)
+    return _waiting_groups[run_group]
+
+
 def share_from_main(world: World, make):
     """Run `make()` on rank 0 only and return its value (or raise its exception) on every
-    rank: decisions about the output folder are taken once."""
+    rank: decisions about the output folder are taken once, files rank 0 writes alone are
+    written once. The other ranks wait up to RANK_0_ALONE_TIMEOUT."""
     if not world.is_distributed:
         return make()
+    group = _waiting_group()
     box: list = [None]
     if world.is_main:
         try:
@@ -324,7 +345,7 @@ def share_from_main(world: World, make):
             # Class, args and attributes: our errors' __init__ takes more than a message.
             box[0] = ("error", (type(e), e.args, vars(e)))
             error = e
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     kind, payload = box[0]
     if kind == "value":
         return payload
@@ -374,12 +395,35 @@ def missing_gpus(hw: HardwareConfig) -> str | None:
     return None
 
 
+# The oldest torch lomotune runs on, as pyproject.toml requires it (a test compares them).
+TORCH_FLOOR = "2.12"
+
+
+def torch_lacks_sum_reduction() -> str | None:
+    """Why this torch cannot sum a sharded method's gradients over ranks (None when it
+    can): FSDP2 averages them unless told otherwise, and the loss is already divided by
+    the global token count, so every step would be N times too small on N processes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for name in ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms"):
+        if not hasattr(FSDPModule, name):
+            return (
+                f"torch {torch.__version__} has no FSDPModule.{name}, which sharded methods "
+                "need to sum gradients over processes (FSDP2 would average them: N-times "
+                f"smaller steps on N processes). Install torch>={TORCH_FLOOR}, as lomotune "
+                "requires"
+            )
+    return None
+
+
 def refusal(recipe: Recipe, world_size: int) -> str | None:
     """Why this recipe cannot run on `world_size` processes (None when it can)."""
     if world_size <= 1:
         return None
     if missing_gpus(recipe.hardware):
         return missing_gpus(recipe.hardware)
+    if shards(recipe) and torch_lacks_sum_reduction():
+        return torch_lacks_sum_reduction()
     if recipe.training.batch_size != "auto" and recipe.training.batch_size < world_size:
         return (
             f"training.batch_size: {recipe.training.batch_size} rows cannot be split over "
@@ -395,43 +439,60 @@ def shards(recipe: Recipe) -> bool:
     return methods.method(recipe.optimizer.name).processes == "sharded"
 
 
-def distribute(model: torch.nn.Module, loss_fn, recipe: Recipe, world: World, device: torch.device):
+def distribute(
+    model: torch.nn.Module,
+    loss_fn,
+    recipe: Recipe,
+    world: World,
+    device: torch.device,
+    weights: torch.nn.Module | None = None,
+):
     """Shard `model` in place for methods that shard (FSDP2: each decoder layer a unit,
     the rest the root unit), or make its replicas equal for the others, and return the
     loss function every engine calls: the rank's share of each batch, summed over ranks
-    (`DataParallelLoss`)."""
+    (`DataParallelLoss`). A sharded `model` arrives on the meta device on every rank;
+    `weights` is the whole model in rank 0's CPU memory (None on the other ranks), whose
+    tensors are sent one by one as shards: no device ever holds the whole model."""
     if shards(recipe):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
         )
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import (
+            FSDPModule,
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
 
-        # Rank 0 alone read the weights; the others built the model on the meta device,
-        # so no rank but 0 ever holds the whole model (rank 0 until its shards are sent).
-        whole_weights = model.state_dict() if world.is_main else {}
-
+        # Gradients are reduce-scattered in fp32 whatever the weights' dtype: a bf16 sum
+        # over N ranks rounds at every addition (each shard's gradient is cast back to
+        # the weights' dtype after the sum).
+        mp_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         # Layers free their gathered weights after forward; the root keeps its own
         # (embeddings, norm, head: backward needs them at once). FSDP2's defaults, said
         # here because `whole_model` sets them back.
         for layer in model.get_decoder().layers:
-            fully_shard(layer, reshard_after_forward=True)
-        fully_shard(model, reshard_after_forward=False)
+            fully_shard(layer, reshard_after_forward=True, mp_policy=mp_policy)
+        fully_shard(model, reshard_after_forward=False, mp_policy=mp_policy)
         for module in model.modules():
-            if hasattr(module, "set_gradient_divide_factor"):
+            if isinstance(module, FSDPModule):
                 # Summed, not averaged: DataParallelLoss divides by the global token
                 # count. Plain sums: gloo has no pre-multiplied or averaging reduction.
+                # (`refusal` checked that this torch has both.)
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
-        if not world.is_main:
-            model.to_empty(device=device)  # this rank's shards, uninitialized
-        set_model_state_dict(
+        model.to_empty(device=device)  # this rank's shards, uninitialized
+        set_model_state_dict(  # rank 0 sends each tensor's shards, one tensor at a time
             model,
-            whole_weights,
+            weights.state_dict() if world.is_main else {},
             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
         )
-        del whole_weights
-        for buffer in model.buffers():  # computed, not saved: RoPE's inverse frequencies
+        # Computed, not saved (RoPE's inverse frequencies): rank 0's, sent to the others.
+        computed = dict(weights.named_buffers()) if world.is_main else {}
+        for name, buffer in model.named_buffers():
+            if world.is_main:
+                buffer.copy_(computed[name])
             dist.broadcast(buffer, src=0)
         # The chunked loss calls the decoder and the head's weight itself, not
         # model.forward: make it an entry point that unshards the root unit as forward would.

@@ -242,7 +242,10 @@ def load_model(
             raise ModelError(f"could not load model {cfg.name!r} from {source}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not (quantize_4bit or empty):
+    # bitsandbytes placed a 4-bit base itself (device_map); the tiny model is never
+    # quantized, so it moves like any other.
+    placed = quantize_4bit and cfg.name != TINY_ALIAS
+    if not (placed or empty):
         model.to(device)
     model.config.use_cache = False
     if cfg.activation_checkpointing:

@@ -406,13 +406,18 @@ def setup(
     meter = MemoryMeter(device)
     auto_batch = recipe.training.batch_size == "auto"
     budget = estimate_for_run.device_budget(device) if auto_batch else None  # model not loaded
-    # A sharded run reads the weights on rank 0 only; the other ranks get their shards.
-    empty = world.is_distributed and not world.is_main and distributed.shards(recipe)
+    # A sharded run builds the model on the meta device on every rank; rank 0 alone reads
+    # the weights, into CPU memory, and sends each rank its shards (`distribute`): no
+    # device ever holds the whole model.
+    sharded = world.is_distributed and distributed.shards(recipe)
     model_cfg = recipe.model
     if method.fp32_master_weights and recipe.model.precision != "fp32":
         # The weights are the fp32 master copy; the loss runs under autocast (build_engine).
         model_cfg = recipe.model.model_copy(update={"precision": "fp32"})
-    loaded = load_model(model_cfg, device, quantize_4bit=method.quantized_base, empty=empty)
+    loaded = load_model(model_cfg, device, quantize_4bit=method.quantized_base, empty=sharded)
+    weights = (
+        load_model(model_cfg, torch.device("cpu")).model if sharded and world.is_main else None
+    )
     model_config = loaded.model.config
     context = getattr(model_config, "max_position_embeddings", None)
     if (
@@ -467,7 +472,8 @@ def setup(
         return causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
 
     if world.is_distributed:
-        loss_fn = distributed.distribute(model, loss_fn, recipe, world, device)
+        loss_fn = distributed.distribute(model, loss_fn, recipe, world, device, weights)
+        del weights  # rank 0's CPU copy: its tensors were sent
     engine = build_engine(recipe, model, loss_fn)
     if isinstance(engine, FusedEngine):
         engine.prepare_kernels()  # on a GPU: built and checked now, not inside backward
@@ -1085,8 +1091,14 @@ def save_final(run: Run) -> Path:
     save(run)
     final = run.output_dir / "model"
     weights = distributed.full_state_dict(run.loaded.model)
-    if not run.world.is_main:
-        return final
+    # Rank 0 writes it alone (minutes for a large model): the others wait for it in
+    # share_from_main, with its long timeout, not in the next collective with the run's.
+    share_from_main(run.world, lambda: write_final(run, final, weights))
+    return final
+
+
+def write_final(run: Run, final: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    """The final model folder, written to a temporary folder and renamed (rank 0)."""
     tmp = run.output_dir / ".partial-model"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -1106,7 +1118,6 @@ def save_final(run: Run) -> Path:
         shutil.rmtree(final)
     tmp.rename(final)
     run.dashboard.note(f"final model saved: {final}")
-    return final
 
 
 def non_finite_weights(model: torch.nn.Module) -> list[str]:

@@ -30,7 +30,9 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from typer.testing import CliRunner
 
+from lomotune import distributed
 from lomotune.cli import app
+from lomotune.recipe import load_recipe
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "lomotune" / "recipes" / "tiny.yaml")
@@ -440,3 +442,87 @@ def test_bad_input_under_torchrun_is_printed_once(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.count(f"error: data.source: no such file: {missing}") == 1, result.stderr
+
+
+def test_a_sharded_load_fills_the_shards_from_rank_0_and_no_device_holds_the_whole_model(
+    tmp_path,
+):
+    """Two processes (gloo) set up a bf16 lomo run: the model reaches `distribute` on the
+    meta device on every rank, rank 0's included (0 bytes on the device; rank 0 read the
+    weights into CPU memory), and after it each rank's shard of every weight is its rows of
+    the model's own weights, bit for bit; gradients are reduce-scattered in fp32."""
+    from lomotune.testing import tiny_llama
+
+    launched = cli(
+        "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "sharded_load.py"),
+        str(tmp_path), launcher=(TORCHRUN,),
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    reference = tiny_llama(dtype=torch.bfloat16).state_dict()  # the weights tiny-llama loads
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["bytes_on_device"] == 0, rank
+        assert seen["param_dtypes"] == ["torch.bfloat16"]
+        assert seen["reduce_dtypes"] == ["torch.float32"]
+        shards = load_file(tmp_path / f"rank{rank}.safetensors")
+        assert shards.keys() <= reference.keys() and len(shards) > 5
+        for name, shard in shards.items():
+            rows = -(-reference[name].shape[0] // 2)  # FSDP2: dim 0 in equal chunks
+            expected = reference[name][rank * rows : (rank + 1) * rows]
+            assert torch.equal(shard, expected), (rank, name)
+
+
+def test_a_torch_without_fsdp2_sum_reduction_is_refused_with_the_floor(tmp_path, monkeypatch):
+    """A torch whose FSDP2 cannot be told to sum (before 2.8) would average the gradients
+    of an already globally normalized loss: refused before any process starts, exit 2,
+    naming the torch lomotune requires; the data-parallel methods are not concerned."""
+    from torch.distributed.fsdp import FSDPModule
+
+    monkeypatch.delattr(FSDPModule, "set_gradient_divide_factor")
+    args = ["train", TINY, f"training.output_dir={tmp_path / 'out'}", "hardware.gpus=0",
+            "hardware.processes=2", "optimizer.name=lomo", "--plain"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "has no FSDPModule.set_gradient_divide_factor" in result.output
+    assert f"Install torch>={distributed.TORCH_FLOOR}" in result.output
+    recipe = load_recipe(TINY, ["hardware.gpus=0", "optimizer.name=mezo"])
+    assert distributed.refusal(recipe, 2) is None
+
+
+def test_the_torch_floor_in_the_code_is_the_one_pyproject_requires():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'"torch>={distributed.TORCH_FLOOR}",' in pyproject
+
+
+def _slow_rank_0(rank: int, port: int, out: str) -> None:
+    """One of 2 processes whose group times out after 2 s: rank 0 works 5 s alone inside
+    share_from_main (a large checkpoint written and hashed), then every rank meets again."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=2),
+    )  # fmt: skip
+    world = distributed.World(rank=rank, local_rank=rank, size=2)
+    try:
+        got = distributed.share_from_main(world, lambda: time.sleep(5) or "written")
+        got += f" {distributed.gather_floats(world, float(rank))}"  # the run's group again
+    except Exception as e:
+        got = f"{type(e).__name__}: {e}"
+    Path(out, f"rank{rank}").write_text(got)
+    dist.destroy_process_group()
+
+
+def test_rank_0_working_alone_longer_than_the_collective_timeout_is_waited_for(tmp_path):
+    """The run's collectives time out (10 minutes; 2 s here) to catch a hang, but rank 0
+    alone writing or hashing a large checkpoint may take longer while the others wait for
+    its answer: they wait in share_from_main's own group (RANK_0_ALONE_TIMEOUT)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_slow_rank_0, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}").read_text() == "written [0.0, 1.0]"
+    assert distributed.RANK_0_ALONE_TIMEOUT.total_seconds() >= 3600

@@ -85,3 +85,43 @@ def test_every_task_scores_as_the_plain_loop(model, name):
     got = [ll for p in result.scores.predictions for ll in p["loglikelihoods"]]
     assert got == pytest.approx(expected, abs=1e-5)
     assert result.n == len(docs)
+
+
+def test_a_batch_copies_to_the_device_and_reads_back_a_fixed_number_of_times(model):
+    """Host<->device traffic of one batch does not grow with its rows: a tensor made from
+    host data (a copy to a GPU), a boolean-mask gather or nonzero (a data-dependent size),
+    a scalar read (a sync) are counted by a dispatch mode on a batch of 2 and of 8 contexts
+    (each with a 1-token and a 4-token continuation); the scores still equal the loop's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    host_ops = {
+        "aten.lift_fresh.default",
+        "aten.nonzero.default",
+        "aten._local_scalar_dense.default",
+    }
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            boolean_index = str(func) == "aten.index.Tensor" and any(
+                i is not None and i.dtype == torch.bool for i in args[1]
+            )
+            self.n += str(func) in host_ops or boolean_index
+            return func(*args, **(kwargs or {}))
+
+    def count(rows: int) -> int:
+        rng = random.Random(rows)
+        pairs = []
+        for k in range(rows):  # lengths differ: padding in every batch
+            context = [rng.randrange(5, 100) for _ in range(2 + k)]
+            pairs += [(context, [7]), (context, [rng.randrange(5, 100) for _ in range(4)])]
+        with Count() as counted:
+            got = loglikelihoods(model, pairs, batch_size=rows, pad_id=0)
+        expected = [reference_loglikelihood(model, c, x) for c, x in pairs]
+        assert got == pytest.approx(expected, abs=1e-4)
+        return counted.n
+
+    assert count(8) == count(2)

@@ -7,6 +7,7 @@ engine's own draws are checked separately). Plus n-SPSA, accumulation, partial t
 skipping, resume and peak memory."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -399,3 +400,38 @@ def test_z_is_drawn_three_times_a_direction_less_one_for_the_merged_restore(
     model = tiny_llama()
     run(model, make_batches(1), directions=directions)
     assert len(calls) == draws * len(list(model.parameters()))
+
+
+def reference_z(key: int, k: int) -> float:
+    """Element k of z's stream, in plain Python integers and float64: splitmix64 (Steele,
+    Lea, Flood 2014) of key + k golden, whose top 24 bits (+1) and next 24 bits make u1 in
+    (0, 1] and u2 in [0, 1), then Box-Muller."""
+    mask = (1 << 64) - 1
+    z = (key + k * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    u1 = ((z >> 40) + 1) / 2**24
+    u2 = ((z >> 16) & 0xFFFFFF) / 2**24
+    return math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2)
+
+
+def test_z_is_a_counter_stream_the_same_on_every_device_and_however_chunked(monkeypatch):
+    """z of (seed, parameter) is element by element a pure function of its index: equal
+    to a plain-Python splitmix64 + Box-Muller (to fp32's rounding of the sqrt, log and
+    cos), with no generator whose values depend on the device (torch.randn's do), and
+    the same bits whether drawn in one chunk or many."""
+    from lomotune.optim import mezo
+    from lomotune.optim.seeds import mix64
+
+    monkeypatch.undo()  # the engine's own draws
+    engine = make_engine(tiny_llama())
+    p = torch.empty(3000)
+    z = engine._z(p, 11, 4)
+    key = mix64(11, 4)
+    for k in [0, 1, 2, 3, 4, 5, 999, 1000, 2047, 2999]:
+        assert float(z[k]) == pytest.approx(reference_z(key, k), abs=2e-5), k
+    monkeypatch.setattr(mezo, "Z_CHUNK", 7)
+    assert torch.equal(engine._z(p, 11, 4), z)
+    half = engine._z(p.to(torch.bfloat16), 11, 4)
+    assert torch.equal(half, z.to(torch.bfloat16))  # drawn in fp32, then cast

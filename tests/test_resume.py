@@ -167,3 +167,32 @@ def test_resume_under_a_changed_recipe_is_refused_unless_forced(tmp_path):
     train_steps = [r["step"] for r in records(out, "train")]
     assert train_steps == list(range(1, 9))
     assert [r["epoch"] for r in records(out, "train")][-2:] == [1, 1]  # batches 0, 1 of epoch 1
+
+
+def test_resume_with_fewer_gpus_than_at_save_restores_those_that_exist(tmp_path, monkeypatch):
+    """12 GPUs' RNG states saved, 3 visible now: GPU i gets the state saved as cuda/i (by
+    number: cuda/10 is not GPU 2's), no IndexError for the 9 that are gone. torch.cuda is
+    faked as torch's own is on 3 GPUs: an index past them raises IndexError."""
+    from safetensors.torch import save_file
+
+    from lomotune.checkpoint import _rng_of_this_process, restore_rng
+
+    saved = _rng_of_this_process()
+    states = {"torch": saved["torch"]["torch"]}
+    states |= {f"cuda/{i}": torch.full((16,), i, dtype=torch.uint8) for i in range(12)}
+    save_file(states, tmp_path / "rng.safetensors")
+    payload = {"python_rng": saved["python"], "numpy_rng": saved["numpy"]}
+    restored = {}
+
+    def set_rng_state(state, device=0):
+        if int(device) >= 3:
+            raise IndexError("list index out of range")  # torch.cuda.default_generators[i]
+        restored[int(device)] = int(state[0])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)  # set_rng_state_all's
+    monkeypatch.setattr(torch.cuda.random, "device_count", lambda: 3)
+    restore_rng(tmp_path, payload)
+    assert restored == {0: 0, 1: 1, 2: 2}

@@ -196,3 +196,14 @@ def test_a_fused_method_on_a_gpu_without_its_kernel_says_why(monkeypatch):
     assert train_module.method_warnings(recipe, torch.device("cpu")) == []
     monkeypatch.setattr(kernels, "why_not_compiled", lambda device: None)
     assert train_module.method_warnings(recipe, gpu) == []
+
+
+def test_tiny_model_for_qlora_sgd_moves_to_the_device():
+    """The tiny model is never quantized: for qlora-sgd it goes to the device as for any
+    other method (the meta device stands in for a GPU)."""
+    from lomotune.models import load_model
+    from lomotune.recipe import ModelConfig
+
+    cfg = ModelConfig(name="tiny-llama", precision="fp32", activation_checkpointing=False)
+    model = load_model(cfg, torch.device("meta"), quantize_4bit=True).model
+    assert {p.device.type for p in model.parameters()} == {"meta"}

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from lomotune import methods
 from lomotune.linear_cross_entropy import SLOPE_BLOCKS
+from lomotune.optim.mezo import Z_CHUNK, Z_SCRATCH_BYTES
 from lomotune.optim.slices import TEMP_BYTES_PER_ELEMENT, slice_bytes_for
 
 GiB = 1024**3
@@ -441,7 +442,8 @@ def _mezo(shape, setup, a, base, inputs, t, n, chunk_logits) -> Estimate:
     if setup.attention == "eager":
         layer_forward += setup.batch_size * shape.heads * setup.seq_len**2 * (a + 4)
     loss_forward = t * h * a + n * h * a + chunk_logits  # log-sum-exp taken in place
-    z = max(v * h, max(shape.layer_matrices())) * a
+    largest = max(v * h, max(shape.layer_matrices()))
+    z = largest * a + min(largest, Z_CHUNK) * Z_SCRATCH_BYTES  # z, and the hash's scratch
     phases = {
         "inference forward of one layer": {
             **base,

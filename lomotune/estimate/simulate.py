@@ -106,7 +106,9 @@ def build_fake_model(config, dtype: torch.dtype):
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = AutoModelForCausalLM.from_config(config)
+        # dtype given as well: a config that names its own (a built-in alias's saved
+        # float32) would otherwise win over the default, whatever --precision says.
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     finally:
         torch.set_default_dtype(default)
     model.config.use_cache = False
@@ -221,5 +223,7 @@ def _build_engine(method: str, model, loss_fn, precision: str):
         return MezoEngine(model, loss_fn)
     from lomotune.optim.baseline import OptimizerEngine, build_optimizer
 
-    optimizer = build_optimizer(model, OptimizerConfig(name=method, lr=1e-5))
+    # The GPU's optimizer: fused AdamW (no parameter-sized temporary), not the CPU's
+    # foreach one (a sqrt(v) of every parameter), which the fake CPU tensors would pick.
+    optimizer = build_optimizer(model, OptimizerConfig(name=method, lr=1e-5), device_type="cuda")
     return OptimizerEngine(model, optimizer, loss_fn, clip=ClipConfig())

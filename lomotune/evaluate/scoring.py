@@ -89,13 +89,12 @@ def _score_contexts(
     pad_id: int,
 ) -> list[list[float]]:
     device = next(model.parameters()).device
-    lengths = torch.tensor([len(c) for c in contexts], device=device)
-    width = int(lengths.max())
-    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, context in enumerate(contexts):  # left padding: every context ends at `width`
-        ids[row, width - len(context) :] = torch.tensor(context, device=device)
-        mask[row, width - len(context) :] = 1
+    # Padded on the host and copied once per tensor: a tensor per row would be a blocking
+    # copy (and a sync) per row on a GPU. Left padding: every context ends at `width`.
+    width = max(len(c) for c in contexts)
+    ids = _to(device, [[pad_id] * (width - len(c)) + list(c) for c in contexts])
+    mask = _to(device, [[0] * (width - len(c)) + [1] * len(c) for c in contexts])
+    lengths = _to(device, [len(c) for c in contexts])
     out = model(
         input_ids=ids,
         attention_mask=mask,
@@ -136,14 +135,18 @@ def _continuation_logprobs(
 ) -> list[float]:
     """log p(tokens 2..n of each continuation), each row on its context's cache."""
     device = context_mask.device
-    rows = torch.tensor([row for row, _, _ in chunk], device=device)
+    rows = _to(device, [row for row, _, _ in chunk])
     inputs = [cont[:-1] for _, _, cont in chunk]  # the last token is only predicted
     steps = max(len(t) for t in inputs)
-    ids = torch.full((len(chunk), steps), pad_id, dtype=torch.long, device=device)
-    step_mask = torch.zeros_like(ids)
-    for i, tokens in enumerate(inputs):  # right padding: real tokens follow the context
-        ids[i, : len(tokens)] = torch.tensor(tokens, device=device)
-        step_mask[i, : len(tokens)] = 1
+    # Right padding: real tokens follow the context. Built on the host, one copy each.
+    ids = _to(device, [t + [pad_id] * (steps - len(t)) for t in inputs])
+    step_mask = _to(device, [[1] * len(t) + [0] * (steps - len(t)) for t in inputs])
+    # Where each predicted token is, listed on the host: no boolean mask, whose gather has
+    # a data-dependent size (a sync).
+    predicted = [(i, j, y) for i, (_, _, cont) in enumerate(chunk) for j, y in enumerate(cont[1:])]
+    at_row, at_step, targets = (
+        _to(device, list(column)) for column in zip(*predicted, strict=True)
+    )
     # Each row gets its own copy of its context's keys and values (indexing copies).
     row_cache = DynamicCache(
         ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers]
@@ -156,13 +159,14 @@ def _continuation_logprobs(
         past_key_values=row_cache,
         use_cache=True,
     )
-    targets = torch.full_like(ids, -1)
-    for i, (_, _, cont) in enumerate(chunk):
-        targets[i, : len(cont) - 1] = torch.tensor(cont[1:], device=device)
-    keep = targets >= 0
-    logprobs = out.logits[keep].float().log_softmax(-1)  # (predicted tokens, vocab)
+    logprobs = out.logits[at_row, at_step].float().log_softmax(-1)  # (predicted tokens, vocab)
     # Summed in float64: a long continuation's total is exact to its tokens' rounding.
-    picked = logprobs.gather(1, targets[keep][:, None])[:, 0].double()
+    picked = logprobs.gather(1, targets[:, None])[:, 0].double()
     per_row = torch.zeros(len(chunk), dtype=torch.float64, device=device)
-    per_row.index_add_(0, keep.nonzero()[:, 0], picked)
-    return per_row.tolist()
+    per_row.index_add_(0, at_row, picked)
+    return per_row.tolist()  # one read for the chunk
+
+
+def _to(device: torch.device, values: list) -> torch.Tensor:
+    """Integers from the host as one int64 tensor on `device` (one copy)."""
+    return torch.tensor(values, dtype=torch.long).to(device)

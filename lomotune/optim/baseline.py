@@ -20,13 +20,18 @@ from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
 from lomotune.recipe import ClipConfig, OptimizerConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimizerConfig, *, device_type: str | None = None
+) -> torch.optim.Optimizer:
+    """torch's optimizer for a baseline method, in its fastest form on the parameters'
+    device, or on `device_type` when given (the simulation's fake tensors are on the CPU
+    but stand for a GPU's step: "cuda")."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    device = params[0].device
+    device_type = device_type or params[0].device.type
     if cfg.name in ("adamw", "adamw-pure", "lora-adamw"):
         # fused kernels on CUDA, foreach elsewhere: the fastest torch offers per device.
-        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(
             params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **fast
         )

@@ -15,10 +15,14 @@ parameters draws it three times (z is the costliest part of a MeZO step after th
 forwards).
 
 z ~ N(0, 1) has the shape and dtype of each parameter and is never stored: it is drawn
-again from the seed whenever it is needed, one parameter at a time, by a generator on
-the parameter's own device seeded with (step seed, parameter index). So the memory is
-that of inference plus one parameter-sized temporary (z), never at the same time as
-the activations, and
+again from the seed whenever it is needed, one parameter at a time, from a counter-based
+stream keyed by (step seed, parameter index): element k is Box-Muller on the 64-bit
+splitmix64 hash of k (the hash of the rounding noise, rounding.hash64_at). The integer
+part is exact on every device, and the float part is one sqrt, log and cos per element
+in fp32, so replicas draw the same z on any GPU model, where `torch.randn`'s values
+depend on the device's launch configuration (and differ between CPU and GPU). So the
+memory is that of inference plus one parameter-sized temporary (z; the hash runs over
+chunks of Z_CHUNK elements), never at the same time as the activations, and
 everything runs under `torch.no_grad` (no graph, no `.grad`).
 
 Options:
@@ -48,7 +52,14 @@ import math
 import torch
 
 from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
+from lomotune.optim.rounding import as_int64, hash64_at
 from lomotune.optim.seeds import mix64
+
+# Elements of z drawn at a time: the hash's int64 and fp32 temporaries (at most
+# Z_SCRATCH_BYTES an element, counted by MemTracker under `estimate --simulate`) stay at
+# 128 MB however large the parameter, in about 15 kernels per chunk on a GPU.
+Z_CHUNK = 1 << 22
+Z_SCRATCH_BYTES = 32
 
 
 def no_weight_decay(name: str) -> bool:
@@ -89,7 +100,6 @@ class MezoEngine:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.decay = [not no_weight_decay(n) for n in self.names]
-        self._generators: dict[torch.device, torch.Generator] = {}
 
     # -- the step ----------------------------------------------------------------------
 
@@ -187,11 +197,7 @@ class MezoEngine:
         return mix64(self.seed, step, direction)
 
     def _z(self, param: torch.Tensor, seed: int, index: int) -> torch.Tensor:
-        gen = self._generators.get(param.device)
-        if gen is None:
-            gen = self._generators[param.device] = torch.Generator(device=param.device)
-        gen.manual_seed(mix64(seed, index))
-        return torch.randn(param.shape, generator=gen, dtype=param.dtype, device=param.device)
+        return standard_normal(mix64(seed, index), param.shape, param.dtype, param.device)
 
     # -- state -------------------------------------------------------------------------
 
@@ -209,3 +215,23 @@ class MezoEngine:
 
     def close(self) -> None:
         pass  # no hooks to remove
+
+
+def standard_normal(
+    key: int, shape: torch.Size, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """N(0, 1) values of stream `key`, element k a pure function of (key, k) on every
+    device: the 64-bit hash of k gives two 24-bit uniforms u1 in (0, 1], u2 in [0, 1),
+    and z = sqrt(-2 ln u1) cos(2 pi u2) (Box-Muller), in fp32, then cast to `dtype`."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1)
+    key = as_int64(key)
+    for start in range(0, flat.numel(), Z_CHUNK):
+        n = min(Z_CHUNK, flat.numel() - start)
+        bits = hash64_at(key, torch.arange(start, start + n, device=device))
+        u1 = ((bits >> 40) & 0xFFFFFF).add_(1).to(torch.float32).mul_(2.0**-24)
+        u2 = ((bits >> 16) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24 * 2 * math.pi)
+        del bits
+        flat[start : start + n] = u1.log_().mul_(-2.0).sqrt_().mul_(u2.cos_())
+        del u1, u2  # before the next chunk's hash
+    return out

@@ -62,15 +62,21 @@ def noise16(key: int, start: int, n: int, device: torch.device | str = "cpu") ->
     return lanes.to(torch.int32).bitwise_and_(0xFFFF)
 
 
+def hash64_at(key: int, counter: torch.Tensor) -> torch.Tensor:
+    """splitmix64(key + counter golden) of each int64 `counter`, as int64 bits: exact
+    integer arithmetic, so the same bits on every device. `key` as a signed int64
+    (`as_int64`): compiled, it is a symbolic integer that must stay within int64."""
+    z = counter * as_int64(_GOLDEN) + key
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * as_int64(_MUL1)
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * as_int64(_MUL2)
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
 def noise16_at(key: int, index: torch.Tensor) -> torch.Tensor:
     """The noise of the elements at `index` (int64) of stream `key`, as noise16 gives it,
     computed per element (one hash each): an elementwise function of the index, so that
-    it fuses with the rounding into one kernel. `key` as a signed int64 (`as_int64`):
-    compiled, it is a symbolic integer that must stay within int64."""
-    z = (index >> 2) * as_int64(_GOLDEN) + key
-    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * as_int64(_MUL1)
-    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * as_int64(_MUL2)
-    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    it fuses with the rounding into one kernel."""
+    z = hash64_at(key, index >> 2)
     return ((z >> ((index & 3) * 16)) & 0xFFFF).to(torch.int32)
 
 
