@@ -323,7 +323,7 @@ def test_simulate_counts_the_precision_asked_and_the_gpus_optimizer(model):
     flags = ["--model", model, "--batch-size", "1", "--seq-len", "16", "--precision", "bf16"]
     simulated = json.loads(run_cli(*flags, "--compare", "--simulate", "--json").output)
     analytic = json.loads(run_cli(*flags, "--compare", "--json").output)
-    assert set(simulated) == {"lomo", "adalomo", "mezo", "adamw", "sgd", "adam-mini"}
+    assert set(simulated) == {"lomo", "adalomo", "mezo", "adamw", "adamw-pure", "sgd", "adam-mini"}
     for method, sim in simulated.items():
         formula = analytic[method]["tensors_gib"]
         assert sim["tensors_gib"] == pytest.approx(formula, rel=0.03), (method, sim, formula)
