@@ -24,8 +24,6 @@ small, and the fused SGD update then needs no rounding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,50 +84,8 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def save_adapter(model: torch.nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the adapters in PEFT format (adapter_config.json + adapter_model.safetensors):
-    `PeftModel.from_pretrained(base, out_dir)` loads them. The config names the base
-    model's folder or hub id, so `export.merge_adapter` can find it."""
-    from lomotune.export import check_output_dir
-
-    out = check_output_dir(out_dir, overwrite)
-    model.save_pretrained(str(out), safe_serialization=True)
-    return out
-
-
 # ---------------------------------------------------------------------------------------
-# Sizes, for the dashboard
-
-
-@dataclass(frozen=True)
-class AdapterSummary:
-    trainable_params: int  # adapter parameters
-    total_params: int  # base + adapters, 4-bit weights counted as their unpacked count
-    base_weight_bytes: int  # bytes the frozen base holds: parameters, buffers, quant state
-
-
-def describe_adapters(model: torch.nn.Module) -> AdapterSummary:
-    """Trainable and total parameter counts and the base's weight bytes, as measured
-    from the tensors themselves (tied weights and shared tensors counted once)."""
-    seen: set[int] = set()
-    trainable = total = base_bytes = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = logical_numel(p)
-        total += n
-        if p.requires_grad:
-            trainable += n
-    seen_storage: set[int] = set()
-    for name, p in model.named_parameters():
-        if "lora_" not in name:
-            base_bytes += tensor_bytes(p, seen_storage)
-    for b in model.buffers():
-        base_bytes += tensor_bytes(b, seen_storage)
-    return AdapterSummary(
-        trainable_params=trainable, total_params=total, base_weight_bytes=base_bytes
-    )
+# Sizes
 
 
 def tensor_bytes(t: torch.Tensor, seen: set[int] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -509,7 +508,3 @@ def logical_numel(p: torch.Tensor) -> int:
     if state is not None and getattr(state, "shape", None) is not None:
         return int(torch.Size(state.shape).numel())
     return p.numel()
-
-
-def remove_cached(alias: str) -> None:
-    shutil.rmtree(builtin_path(alias), ignore_errors=True)

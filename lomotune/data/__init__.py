@@ -2,7 +2,7 @@
 loader (bucket or pack, collate). `prepare_data` and `BatchLoader` are all a run needs."""
 
 from lomotune.data.errors import DataError
-from lomotune.data.loader import BatchLoader, token_counts
+from lomotune.data.loader import BatchLoader
 from lomotune.data.pipeline import DataStats, PreparedData, TokenizedExample, prepare_data
 
 __all__ = [
@@ -12,5 +12,4 @@ __all__ = [
     "PreparedData",
     "TokenizedExample",
     "prepare_data",
-    "token_counts",
 ]

@@ -30,11 +30,6 @@ Batch = dict[str, torch.Tensor]
 OPEN_ROWS = 64  # rows a packing pass keeps open: first fit in O(examples x OPEN_ROWS)
 
 
-def token_counts(batch: Batch) -> tuple[int, int]:
-    """(tokens that are not padding, tokens with a loss) of a batch from BatchLoader."""
-    return int(batch["num_tokens"]), int(batch["num_loss_tokens"])
-
-
 class BatchLoader:
     """Yields `(epoch, index, batch)` forever. `batch` is a dict of tensors:
 
