@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -29,7 +30,8 @@ def fail(message: str, code: int, echo: bool = True) -> None:
     if distributed is not None and distributed.hand_to_launcher(message, code):
         raise typer.Exit(code)
     if echo:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+        # the message is text, not markup: `lomotune[wandb]` or a list must print as written
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

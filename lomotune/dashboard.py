@@ -194,8 +194,10 @@ class Dashboard:
         enabled: bool = True,
         console: Console | None = None,
         refresh_per_second: float = 4.0,
+        log_every: int = 1,
     ):
         self.total_steps = total_steps
+        self.log_every = log_every  # a step line is shown every log_every steps and the last
         self.title = title
         self.enabled = enabled
         self.console = console if console is not None else Console()
@@ -322,6 +324,24 @@ class Dashboard:
                     highlight=False,
                     soft_wrap=True,
                 )
+
+    # -- the MetricLogger interface (lomotune.loggers) -----------------------------------
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass  # the title and the notes say what runs; the recipe is recipe.yaml
+
+    def log_dict(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        if kind == "eval":
+            self.update_eval(step, metrics)
+            return
+        show = step % self.log_every == 0 or step == self.total_steps
+        self.update_step(step, metrics, show=show)
+
+    def log_summary(self, step: int | None, summary: dict[str, Any]) -> None:
+        self.summary(summary)
+
+    def close(self) -> None:
+        self.__exit__(None, None, None)
 
     # -- derived numbers ----------------------------------------------------------------
 
@@ -494,6 +514,16 @@ class MetricsLog:
 
     def summary(self, step: int | None, summary: dict[str, Any]) -> None:
         self.write("summary", step, summary)
+
+    # the MetricLogger interface (lomotune.loggers)
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass  # the resolved recipe is recipe.yaml, beside this file
+
+    def log_dict(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        self.write(kind, step, metrics)
+
+    def log_summary(self, step: int | None, summary: dict[str, Any]) -> None:
+        self.summary(step, summary)
 
     def truncate_after(self, step: int) -> int:
         """Keep only the records of steps <= `step` (on resume from that checkpoint);

@@ -212,6 +212,11 @@ class TrainingConfig(Section):
     # each eval and at the end; files from data.superglue_dir, else the hub.
     eval_tasks: list[str] = Field(default_factory=list)
     eval_tasks_limit: int | None = Field(None, ge=1, description="first N val examples a task")
+    # Where the numbers go besides the dashboard: metrics.jsonl always, TensorBoard event
+    # files (output_dir/tensorboard), W&B (offline in output_dir/wandb unless logged in).
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"]
+    )
 
     @field_validator("eval_tasks")
     @classmethod
@@ -224,6 +229,16 @@ class TrainingConfig(Section):
                 f"unknown SuperGLUE task {', '.join(unknown)}; choose from {', '.join(TASKS)}"
             )
         return tasks
+
+    @field_validator("loggers")
+    @classmethod
+    def _logger_packages(cls, names: list[str]) -> list[str]:
+        from lomotune.loggers import missing_packages
+
+        problems = missing_packages(names)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return names
 
 
 class HardwareConfig(Section):

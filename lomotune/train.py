@@ -43,6 +43,7 @@ from lomotune.estimate import Estimate, EstimateError
 from lomotune.estimate import for_run as estimate_for_run
 from lomotune.evaluate.during_training import task_metrics
 from lomotune.evaluate.exact_match import ExactMatch, exact_match
+from lomotune.loggers import Loggers, open_loggers
 from lomotune.models import (
     LoadedModel,
     causal_lm_loss,
@@ -101,8 +102,8 @@ class Run:
     engine: Any  # FusedEngine | MezoEngine | OptimizerEngine: same surface
     total_steps: int
     state: TrainingState
-    dashboard: Dashboard
-    metrics: MetricsLog
+    dashboard: Dashboard  # also among `log`'s backends; notes and warnings go to it alone
+    log: Loggers  # every number of the run: dashboard, metrics.jsonl, training.loggers
     meter: MemoryMeter
     world: World
     throughput: Throughput = field(default_factory=Throughput)
@@ -174,7 +175,8 @@ def train_in(
     if precision.warning:
         run.warnings.insert(0, precision.warning)
     started = time.perf_counter()
-    with GracefulStop(quiet=not world.is_main) as stop, run.dashboard, run.meter, run.metrics:
+    with GracefulStop(quiet=not world.is_main) as stop, run.log, run.meter:
+        run.log.log_config(recipe.model_dump(mode="json"))
         if run.resumed_from:
             run.dashboard.note(f"resumed from {run.resumed_from} (step {run.state.step})")
         for message in run.notes:
@@ -195,8 +197,7 @@ def train_in(
             raise out_of_memory(run, e) from None
         final_dir = save_final(run)
         summary = summarize(run, time.perf_counter() - started, final_dir)
-        run.metrics.summary(run.state.step, summary)
-        run.dashboard.summary(summary)
+        run.log.log_summary(run.state.step, summary)
     if world.is_main:
         plot_quietly(run)
     return summary
@@ -389,6 +390,8 @@ def setup(
     title = f"lomotune · {opt.name} · {Path(loaded.source).name} · {recipe.model.precision}"
     if world.is_distributed:
         title += f" · {world.size} processes"
+    log_every = recipe.training.log_every
+    dashboard = Dashboard(total_steps, title, live=live, enabled=world.is_main, log_every=log_every)
     return Run(
         recipe=recipe,
         output_dir=output_dir,
@@ -399,8 +402,14 @@ def setup(
         engine=engine,
         total_steps=total_steps,
         state=state,
-        dashboard=Dashboard(total_steps, title, live=live, enabled=world.is_main),
-        metrics=MetricsLog(output_dir / METRICS_FILE, enabled=world.is_main),
+        dashboard=dashboard,
+        log=open_loggers(
+            recipe.training.loggers,
+            output_dir,
+            always=[dashboard, MetricsLog(output_dir / METRICS_FILE, enabled=world.is_main)],
+            enabled=world.is_main,
+            resume_step=state.step if checkpoint is not None else None,
+        ),
         meter=meter,
         world=world,
         resumed_from=checkpoint,
@@ -623,9 +632,7 @@ def log_step(run: Run, result, lr: float, seconds: float) -> None:
         metrics["grad_norm"] = result.grad_norm
     if result.loss_scale is not None:
         metrics["loss_scale"] = result.loss_scale
-    run.metrics.train(step, metrics)
-    show = step % run.recipe.training.log_every == 0 or step == run.total_steps
-    run.dashboard.update_step(step, metrics, show=show)
+    run.log.log_dict(step, metrics)
 
 
 @torch.no_grad()
@@ -667,8 +674,7 @@ def evaluate_loss(run: Run) -> float | None:
             )
         )
         run.results.update(metrics)
-    run.metrics.eval(run.state.step, metrics)
-    run.dashboard.update_eval(run.state.step, metrics)
+    run.log.log_dict(run.state.step, metrics, "eval")
     return eval_loss
 
 
@@ -702,13 +708,14 @@ def generation_accuracy(run: Run, when: str) -> float:
         run.dashboard.note(
             f"  {prompt.splitlines()[0][:60]!r} -> {got.strip()[:30]!r} (expected {expected.strip()!r})"
         )
-    run.metrics.eval(
+    run.log.log_dict(
         run.state.step,
         {
             f"accuracy_{when.split()[0]}": result.accuracy,
             "correct": result.correct,
             "total": result.total,
         },
+        "eval",
     )
     return result.accuracy
 
