@@ -315,7 +315,8 @@ def evaluate(
         str, typer.Option(help="run folder, model folder, adapter folder, alias or hub id")
     ],
     tasks: Annotated[
-        str, typer.Option(help="boolq,cb,copa,multirc,record,rte,wic,wsc or superglue")
+        str,
+        typer.Option(help="boolq,cb,copa,multirc,record,rte,wic,wsc, superglue, or harness tasks"),
     ],
     data_dir: Annotated[
         Path | None, typer.Option(help="SuperGLUE folder (official or hub layout); else the hub")
@@ -330,8 +331,12 @@ def evaluate(
     num_fewshot: Annotated[int, typer.Option(help="solved train examples before each")] = 0,
     output: Annotated[Path | None, typer.Option(help="write results + predictions as JSON")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --output file")] = False,
+    include_path: Annotated[
+        Path | None, typer.Option(help="folder of your own lm-evaluation-harness task YAMLs")
+    ] = None,
 ) -> None:
-    """Score a model on SuperGLUE by the log-likelihood of each answer."""
+    """Score a model on SuperGLUE by the log-likelihood of each answer; any other task
+    name by lm-evaluation-harness (pip install 'lomotune[harness]')."""
     from lomotune.evaluate.command import EvalOptions, run_eval
     from lomotune.evaluate.report import ScoringProgress, results_table
     from lomotune.evaluate.task import EvalDataError
@@ -349,6 +354,7 @@ def evaluate(
         num_fewshot,
         output,
         overwrite,
+        include_path,
     )
     try:
         results = run_eval(opts, ScoringProgress())

@@ -671,6 +671,7 @@ def evaluate_loss(run: Run) -> float | None:
                 run.recipe.data.superglue_dir,
                 batch_size=run.recipe.training.batch_size,
                 limit=run.recipe.training.eval_tasks_limit,
+                include_path=run.recipe.training.eval_tasks_include_path,
             )
         )
         run.results.update(metrics)
