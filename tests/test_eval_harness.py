@@ -56,6 +56,8 @@ def setup(tmp_path_factory):
     tasks.mkdir()
     (tasks / "docs.jsonl").write_text("\n".join(lines) + "\n")
     (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=tasks / "docs.jsonl"))
+    gone = TASK_YAML.format(task="lomotune_tiny_gone", data=tasks / "gone.jsonl")
+    (tasks / "lomotune_tiny_gone.yaml").write_text(gone)  # its data is not there
     return model_dir, tasks
 
 
@@ -135,3 +137,15 @@ def test_training_eval_tasks_may_name_a_harness_task(setup, tmp_path):
     )["results"][TASK]
     assert last[f"{TASK}_acc"] == direct["acc,none"]
     assert last[f"{TASK}_acc_norm"] == direct["acc_norm,none"]
+
+
+def test_a_harness_task_whose_data_cannot_be_read_is_an_error_for_people(setup):
+    model_dir, tasks = setup
+    done = runner.invoke(
+        app,
+        ["eval", "--model", str(model_dir), "--tasks", "lomotune_tiny_gone",
+         "--include-path", str(tasks)],
+    )  # fmt: skip
+    assert done.exit_code == 2, done.output
+    text = " ".join(done.output.split())
+    assert "could not read the data of lomotune_tiny_gone" in text and "Traceback" not in text

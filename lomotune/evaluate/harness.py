@@ -23,6 +23,7 @@ import torch
 
 from lomotune.evaluate.metrics import Scores
 from lomotune.evaluate.run import TaskResult
+from lomotune.evaluate.task import EvalDataError
 
 PIP = "pip install 'lomotune[harness]'"
 
@@ -99,6 +100,13 @@ def evaluate_harness(
             task_manager=task_manager(include_path),
             log_samples=False,
         )
+    except OSError as e:  # the task's data: not on the hub, no network, a missing file
+        raise EvalDataError(
+            f"lm-evaluation-harness could not read the data of {', '.join(names)}: "
+            f"{str(e).splitlines()[0][:300]}. Without a network, a task's dataset must be in "
+            "the datasets cache already, or a local file (dataset_path: json in an "
+            "--include-path task)"
+        ) from None
     finally:
         model.train(training)
     seconds = time.perf_counter() - started
@@ -138,6 +146,6 @@ def _count(out: dict[str, Any], task: str) -> int:
         return sum(
             s["effective"]
             for t, s in out.get("n-samples", {}).items()
-            if t in out["group_subtasks"].get(task, [])
+            if t in out.get("group_subtasks", {}).get(task, [])
         )
     return samples["effective"]
