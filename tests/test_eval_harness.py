@@ -149,3 +149,40 @@ def test_a_harness_task_whose_data_cannot_be_read_is_an_error_for_people(setup):
     assert done.exit_code == 2, done.output
     text = " ".join(done.output.split())
     assert "could not read the data of lomotune_tiny_gone" in text and "Traceback" not in text
+
+
+def test_an_adapter_folder_is_scored_with_its_adapter_applied(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir, tasks = setup
+    # random (not zero) LoRA weights, so that the adapter changes the scores
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, lora).save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(model_dir)
+    out = tmp_path / "results.json"
+    done = runner.invoke(
+        app,
+        ["eval", "--model", str(adapter), "--tasks", TASK, "--include-path", str(tasks),
+         "--precision", "fp32", "--batch-size", "4", "--output", str(out)],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    ours = json.loads(out.read_text())["results"][TASK]
+
+    from lm_eval.tasks import TaskManager
+
+    direct = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "peft": str(adapter), "dtype": "float32",
+                    "device": "cpu"},
+        tasks=[TASK],
+        batch_size=4,
+        task_manager=TaskManager(include_path=str(tasks)),
+        log_samples=False,
+    )["results"][TASK]  # fmt: skip
+    # (seen here: the base model alone scores acc 0.175, with the adapter 0.075: equal
+    # numbers mean the adapter was applied)
+    assert ours == {"acc": direct["acc,none"], "acc_norm": direct["acc_norm,none"]}
