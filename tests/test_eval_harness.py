@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from lomotune.cli import app
 from lomotune.dashboard import read_metrics
+from lomotune.evaluate.harness import task_manager  # lm_eval's TaskManager, built once
 from lomotune.testing import tiny_llama, tiny_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval", reason="needs lomotune[harness] (lm-eval)")
@@ -73,15 +74,13 @@ def test_a_harness_task_gives_the_numbers_of_a_direct_lm_eval_run(setup, tmp_pat
     assert done.exit_code == 0, done.output
     ours = json.loads(out.read_text())
 
-    from lm_eval.tasks import TaskManager
-
     direct = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"},
         tasks=[TASK],
         batch_size=4,
         limit=30,
-        task_manager=TaskManager(include_path=str(tasks)),
+        task_manager=task_manager(tasks),
         log_samples=False,
     )["results"][TASK]
     assert ours["results"][TASK] == {"acc": direct["acc,none"], "acc_norm": direct["acc_norm,none"]}
@@ -125,14 +124,12 @@ def test_training_eval_tasks_may_name_a_harness_task(setup, tmp_path):
     (last,) = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     assert last["step"] == 2
     # The trained model, saved, scored by a direct lm_eval run: the same numbers.
-    from lm_eval.tasks import TaskManager
-
     direct = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(out / "model"), "dtype": "float32", "device": "cpu"},
         tasks=[TASK],
         batch_size=8,
-        task_manager=TaskManager(include_path=str(tasks)),
+        task_manager=task_manager(tasks),
         log_samples=False,
     )["results"][TASK]
     assert last[f"{TASK}_acc"] == direct["acc,none"]
@@ -172,15 +169,13 @@ def test_an_adapter_folder_is_scored_with_its_adapter_applied(setup, tmp_path):
     assert done.exit_code == 0, done.output
     ours = json.loads(out.read_text())["results"][TASK]
 
-    from lm_eval.tasks import TaskManager
-
     direct = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "peft": str(adapter), "dtype": "float32",
                     "device": "cpu"},
         tasks=[TASK],
         batch_size=4,
-        task_manager=TaskManager(include_path=str(tasks)),
+        task_manager=task_manager(tasks),
         log_samples=False,
     )["results"][TASK]  # fmt: skip
     # (seen here: the base model alone scores acc 0.175, with the adapter 0.075: equal
