@@ -3,7 +3,11 @@ own reader (TensorBoard's EventAccumulator; W&B's offline run file, record by re
 
 import importlib.util
 import json
+import os
+import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,6 +110,33 @@ def test_a_logger_whose_package_is_missing_is_a_recipe_error_with_the_pip_comman
     assert result.exit_code == 2, result.output
     assert f"pip install 'lomotune[{name}]'" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
+def test_on_two_processes_rank_0_alone_writes_tensorboard_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with socket.socket() as s:  # a free port: other test sessions here use 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lomotune", "train", TINY, f"training.output_dir={out}",
+         "training.max_steps=3", "training.eval_every=0", "training.save_every=0",
+         "hardware.gpus=0", "hardware.processes=2", "hardware.threads=1",
+         f"hardware.master_port={port}", "data.num_examples=24", "model.precision=fp32",
+         "training.loggers=[jsonl,tensorboard]", "--plain"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (events_file,) = (out / "tensorboard").iterdir()  # one writer: rank 0's
+    events = EventAccumulator(str(events_file))
+    events.Reload()
+    tb = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert tb == pytest.approx(jsonl_numbers(out, "train", "loss"), rel=1e-6)
+    assert sorted(tb) == [1, 2, 3]
 
 
 def test_ranks_other_than_0_log_nowhere(tmp_path):
