@@ -181,3 +181,18 @@ def test_an_adapter_folder_is_scored_with_its_adapter_applied(setup, tmp_path):
     # (seen here: the base model alone scores acc 0.175, with the adapter 0.075: equal
     # numbers mean the adapter was applied)
     assert ours == {"acc": direct["acc,none"], "acc_norm": direct["acc_norm,none"]}
+
+
+def test_harness_tasks_during_training_are_refused_on_several_processes(setup, tmp_path):
+    from lomotune.recipe import RecipeError, load_recipe
+
+    _, tasks = setup
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"training: {{max_steps: 2, eval_tasks: [rte, {TASK}], "
+        f"eval_tasks_include_path: {tasks}}}\nhardware: {{gpus: 0, processes: 2}}\n"
+    )
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe)
+    (problem,) = e.value.problems
+    assert problem.startswith(f"training.eval_tasks: harness tasks ({TASK}) are scored in one")
