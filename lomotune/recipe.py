@@ -212,7 +212,7 @@ class TrainingConfig(Section):
     # SuperGLUE on its val split (files from data.superglue_dir, else the hub), any other
     # name by lm-evaluation-harness (pip install 'lomotune[harness]').
     eval_tasks: list[str] = Field(default_factory=list)
-    # lm-evaluation-harness tasks may be named too; a folder of your own task YAMLs:
+    # a folder of your own lm-evaluation-harness task YAMLs (from the current folder):
     eval_tasks_include_path: str | None = None
     eval_tasks_limit: int | None = Field(None, ge=1, description="first N val examples a task")
     # Where the numbers go besides the dashboard: metrics.jsonl always, TensorBoard event
@@ -226,11 +226,12 @@ class TrainingConfig(Section):
         from lomotune.evaluate.harness import check_task_names
         from lomotune.evaluate.superglue import TASKS
 
-        include = self.eval_tasks_include_path
-        if include is not None and not Path(include).expanduser().is_dir():
-            raise ValueError(f"training.eval_tasks_include_path: {include} is not a folder")
+        given = self.eval_tasks_include_path
+        include = Path(given).expanduser() if given is not None else None
+        if include is not None and not include.is_dir():
+            raise ValueError(f"training.eval_tasks_include_path: {given} is not a folder")
         others = [t for t in self.eval_tasks if t not in TASKS]
-        problems = check_task_names(others, list(TASKS), Path(include) if include else None)
+        problems = check_task_names(others, list(TASKS), include)
         if problems:
             raise ValueError("\n".join(f"training.eval_tasks: {p}" for p in problems))
         return self

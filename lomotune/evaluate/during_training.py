@@ -34,7 +34,7 @@ def task_metrics(
         result = evaluate_task(model, tokenizer, task, docs, source=source, batch_size=batch_size)
         metrics.update({f"{name}_{k}": v for k, v in result.scores.metrics.items()})
     if others:
-        folder = Path(include_path) if include_path else None
+        folder = Path(include_path).expanduser() if include_path else None
         for result in evaluate_harness(
             model, tokenizer, others, batch_size=batch_size, limit=limit, include_path=folder
         ):
