@@ -11,25 +11,22 @@ in `training.loggers`:
 
 The dashboard is one more backend. Only rank 0 logs: every other rank gets no backend.
 As torchtune's MetricLoggerInterface and litgpt's choose_logger: a new backend is one
-class here and one name in `LOGGERS`.
+class here and its entry in `LOGGERS` (the recipe accepts the names found there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import json
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-# name in a recipe -> (the import it needs, the pip command that provides it)
-LOGGERS: dict[str, tuple[str | None, str | None]] = {
-    "jsonl": (None, None),
-    "tensorboard": ("tensorboard", "pip install 'lomotune[tensorboard]'"),
-    "wandb": ("wandb", "pip install 'lomotune[wandb]'"),
-}
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -45,13 +42,20 @@ class MetricLogger(Protocol):
     def close(self) -> None: ...
 
 
-def missing_packages(names: list[str]) -> list[str]:
-    """One recipe problem per logger whose package is not installed, naming the fix."""
+def logger_problems(names: list[str]) -> list[str]:
+    """One recipe problem per unknown logger name, and per logger whose package is not
+    installed (naming the pip command)."""
     problems = []
     for name in names:
-        module, pip = LOGGERS[name]
-        if module is not None and importlib.util.find_spec(module) is None:
-            problems.append(f"training.loggers: {name} needs the {module} package; {pip}")
+        backend = LOGGERS.get(name)
+        if backend is None:
+            close = difflib.get_close_matches(name, list(LOGGERS), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(LOGGERS)}"
+            problems.append(f"training.loggers: unknown logger {name!r}; {hint}")
+        elif backend.module is not None and importlib.util.find_spec(backend.module) is None:
+            problems.append(
+                f"training.loggers: {name} needs the {backend.module} package; {backend.pip}"
+            )
     return problems
 
 
@@ -184,9 +188,28 @@ def open_loggers(
     if not enabled:
         return Loggers([])
     backends = list(always)
-    for name in dict.fromkeys(names):  # jsonl is among `always`
-        if name == "tensorboard":
-            backends.append(TensorBoardLogger(output_dir / TENSORBOARD_DIR, resume_step))
-        elif name == "wandb":
-            backends.append(WandbLogger(output_dir))
+    for name in dict.fromkeys(names):
+        opener = LOGGERS[name].open
+        if opener is not None:
+            backends.append(opener(output_dir, resume_step))
     return Loggers(backends)
+
+
+@dataclass(frozen=True)
+class Backend:
+    module: str | None  # the package it imports; None: nothing beyond lomotune's own
+    pip: str | None  # the command that installs that package
+    # (run folder, step resumed from or None) -> the backend; None: among `always`
+    open: Callable[[Path, int | None], MetricLogger] | None
+
+
+# name in `training.loggers` -> its backend
+LOGGERS: dict[str, Backend] = {
+    "jsonl": Backend(None, None, None),  # always on: metrics.jsonl (MetricsLog)
+    "tensorboard": Backend(
+        "tensorboard",
+        "pip install 'lomotune[tensorboard]'",
+        lambda out, step: TensorBoardLogger(out / TENSORBOARD_DIR, step),
+    ),
+    "wandb": Backend("wandb", "pip install 'lomotune[wandb]'", lambda out, _: WandbLogger(out)),
+}

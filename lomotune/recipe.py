@@ -217,9 +217,8 @@ class TrainingConfig(Section):
     eval_tasks_limit: int | None = Field(None, ge=1, description="first N val examples a task")
     # Where the numbers go besides the dashboard: metrics.jsonl always, TensorBoard event
     # files (output_dir/tensorboard), W&B (offline in output_dir/wandb unless logged in).
-    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
-        default_factory=lambda: ["jsonl"]
-    )
+    # (names: lomotune/loggers.py's LOGGERS)
+    loggers: list[str] = Field(default_factory=lambda: ["jsonl"])
 
     @model_validator(mode="after")
     def _known_tasks(self) -> TrainingConfig:
@@ -239,9 +238,9 @@ class TrainingConfig(Section):
     @field_validator("loggers")
     @classmethod
     def _logger_packages(cls, names: list[str]) -> list[str]:
-        from lomotune.loggers import missing_packages
+        from lomotune.loggers import logger_problems
 
-        problems = missing_packages(names)
+        problems = logger_problems(names)
         if problems:
             raise ValueError("\n".join(problems))
         return names

@@ -112,6 +112,13 @@ def test_a_logger_whose_package_is_missing_is_a_recipe_error_with_the_pip_comman
     assert "Traceback" not in result.output and not out.exists()
 
 
+def test_an_unknown_logger_is_a_recipe_error_with_a_did_you_mean(tmp_path):
+    out = tmp_path / "run"
+    result = train(out, "training.loggers=[jsonl,tensorbord]")
+    assert result.exit_code == 2, result.output
+    assert "unknown logger 'tensorbord'; did you mean tensorboard?" in result.output
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
 def test_on_two_processes_rank_0_alone_writes_tensorboard_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
