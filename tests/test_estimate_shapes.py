@@ -126,3 +126,8 @@ def test_the_estimate_command_takes_a_hub_id_offline(no_network):
     assert done.exit_code == 0, done.output
     missing = CliRunner().invoke(app, ["estimate", "--model", "some-org/some-model"])
     assert missing.exit_code == 2 and "config.json in a folder" in " ".join(missing.output.split())
+
+
+def test_a_near_miss_of_a_known_shape_offline_names_it(no_network):
+    with pytest.raises(EstimateError, match="Did you mean qwen3-8b"):
+        resolve_config("Qwen/Qwen3-8.0B")

@@ -466,10 +466,12 @@ def hub_config(name: str):
         return AutoConfig.from_pretrained(name, local_files_only=offline)
     except (OSError, ValueError) as e:
         why = "no network (or HF_HUB_OFFLINE) and not in the cache" if offline else str(e)
+        close = difflib.get_close_matches(normalize(name), KNOWN_SHAPES, n=3, cutoff=0.8)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
         raise EstimateError(
-            f"could not read the config of hub model {name!r}: {why.splitlines()[0][:200]}. "
-            f"Known shapes, no network needed: {', '.join(KNOWN_SHAPES)}. Or put the model's "
-            "config.json in a folder and pass the folder (--model path/to/folder)"
+            f"could not read the config of hub model {name!r}: {why.splitlines()[0][:200]}."
+            f"{hint} Known shapes, no network needed: {', '.join(KNOWN_SHAPES)}. Or put the "
+            "model's config.json in a folder and pass the folder (--model path/to/folder)"
         ) from None
 
 
