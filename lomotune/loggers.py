@@ -5,9 +5,9 @@ resolved recipe as config) to a `Loggers`, which hands it to every backend asked
 in `training.loggers`:
 
     jsonl        metrics.jsonl in the run folder (always on; `MetricsLog`)
-    tensorboard  event files under run_folder/tensorboard (`pip install tensorboard`)
+    tensorboard  event files under run_folder/tensorboard (`lomotune[tensorboard]`)
     wandb        Weights & Biases; offline (run_folder/wandb) unless logged in or
-                 WANDB_MODE says otherwise (`pip install wandb`)
+                 WANDB_MODE says otherwise (`lomotune[wandb]`)
 
 The dashboard is one more backend. Only rank 0 logs: every other rank gets no backend.
 As torchtune's MetricLoggerInterface and litgpt's choose_logger: a new backend is one
@@ -144,7 +144,7 @@ class Loggers:
     """Every backend of a run behind the one interface; a context manager that enters
     the ones that are context managers (the dashboard's live view) and closes all."""
 
-    def __init__(self, backends: list[Any]):
+    def __init__(self, backends: list[MetricLogger]):
         self.backends = backends
         self._stack = contextlib.ExitStack()
 
@@ -179,7 +179,7 @@ def open_loggers(
     names: list[str],
     output_dir: Path,
     *,
-    always: list[Any],
+    always: list[MetricLogger],
     enabled: bool,
     resume_step: int | None = None,
 ) -> Loggers:
