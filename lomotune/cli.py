@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -56,7 +57,8 @@ def fail(message: str, code: int, echo: bool = True) -> None:
     if code == 2 and distributed is not None and distributed.another_local_rank():
         echo = False  # under torchrun: printed once per machine, by local rank 0
     if echo:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+        # the message is text, not markup: `lomotune[wandb]` or a list must print as written
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -380,7 +382,8 @@ def evaluate(
         str, typer.Option(help="run folder, model folder, adapter folder, alias or hub id")
     ],
     tasks: Annotated[
-        str, typer.Option(help="boolq,cb,copa,multirc,record,rte,wic,wsc or superglue")
+        str,
+        typer.Option(help="boolq,cb,copa,multirc,record,rte,wic,wsc, superglue, or harness tasks"),
     ],
     data_dir: Annotated[
         Path | None, typer.Option(help="SuperGLUE folder (official or hub layout); else the hub")
@@ -395,8 +398,12 @@ def evaluate(
     num_fewshot: Annotated[int, typer.Option(help="solved train examples before each")] = 0,
     output: Annotated[Path | None, typer.Option(help="write results + predictions as JSON")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --output file")] = False,
+    include_path: Annotated[
+        Path | None, typer.Option(help="folder of your own lm-evaluation-harness task YAMLs")
+    ] = None,
 ) -> None:
-    """Score a model on SuperGLUE by the log-likelihood of each answer."""
+    """Score a model on SuperGLUE by the log-likelihood of each answer; any other task
+    name by lm-evaluation-harness (pip install 'lomotune[harness]')."""
     from lomotune.evaluate.command import EvalOptions, run_eval
     from lomotune.evaluate.report import ScoringProgress, results_table
     from lomotune.evaluate.task import EvalDataError
@@ -414,6 +421,7 @@ def evaluate(
         num_fewshot,
         output,
         overwrite,
+        include_path,
     )
     try:
         results = run_eval(opts, ScoringProgress())

@@ -198,8 +198,10 @@ class Dashboard:
         enabled: bool = True,
         console: Console | None = None,
         refresh_per_second: float = 4.0,
+        log_every: int = 1,
     ):
         self.total_steps = total_steps
+        self.log_every = log_every  # a step line is shown every log_every steps and the last
         self.title = title
         self.enabled = enabled
         self.console = console if console is not None else Console()
@@ -326,6 +328,24 @@ class Dashboard:
                     highlight=False,
                     soft_wrap=True,
                 )
+
+    # -- the MetricLogger interface (lomotune.loggers) -----------------------------------
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass  # the title and the notes say what runs; the recipe is recipe.yaml
+
+    def log_dict(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        if kind == "eval":
+            self.update_eval(step, metrics)
+            return
+        show = step % self.log_every == 0 or step == self.total_steps
+        self.update_step(step, metrics, show=show)
+
+    def log_summary(self, step: int | None, summary: dict[str, Any]) -> None:
+        self.summary(summary_shown(summary))
+
+    def close(self) -> None:
+        self.__exit__(None, None, None)
 
     # -- derived numbers ----------------------------------------------------------------
 
@@ -499,6 +519,16 @@ class MetricsLog:
     def summary(self, step: int | None, summary: dict[str, Any]) -> None:
         self.write("summary", step, summary)
 
+    # the MetricLogger interface (lomotune.loggers)
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass  # the resolved recipe is recipe.yaml, beside this file
+
+    def log_dict(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        self.write(kind, step, metrics)
+
+    def log_summary(self, step: int | None, summary: dict[str, Any]) -> None:
+        self.summary(step, summary)
+
     def truncate_after(self, step: int) -> int:
         """Keep only the records of steps <= `step` (on resume from that checkpoint);
         summaries of the earlier run are dropped. Returns how many records were kept."""
@@ -580,3 +610,36 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return len(kept)
+
+
+def summary_shown(summary: dict[str, Any]) -> dict[str, Any]:
+    """The few lines printed at the end of a run, each under 80 columns; summary.json
+    holds every number (the estimate's parts, the peak per process, ...)."""
+    s = summary
+    shown: dict[str, Any] = {"method": s["method"], "steps": s["steps"]}
+    if s.get("final_loss") is not None:
+        shown["final_loss_smoothed"] = s["final_loss"]
+    shown["last_step_loss"] = s.get("last_loss")
+    for key in ("eval_loss", "accuracy_before", "accuracy_after"):
+        if s.get(key) is not None:
+            shown[key] = s[key]
+    tokens = f"{s['tokens_per_s'] or 0:,.0f}"
+    if s["world_size"] > 1:
+        tokens += f" ({s['tokens_per_s_per_process']:,.0f} a process, {s['world_size']} processes)"
+    shown["tokens_per_s"] = tokens
+    peak = f"{format_bytes(s['peak_memory'])} ({s['memory_kind']})"
+    predicted = s.get("peak_memory_predicted")
+    if s["memory_kind"].startswith("cuda") and predicted is not None:
+        peak += f", predicted {format_bytes(predicted)}"
+    shown["peak_memory"] = peak
+    if s["world_size"] > 1:  # the peak above is the largest of any process
+        shown["peak_memory_spread"] = f"{format_bytes(s['peak_memory_spread'])} over the processes"
+    if s.get("step_memory") is not None:  # a CPU run: RSS's rise within a step
+        shown["step_memory"] = (
+            f"{format_bytes(s['step_memory'])}, predicted {format_bytes(s['step_memory_predicted'])}"
+        )
+    if s.get("skipped_steps"):
+        shown["skipped_steps"] = s["skipped_steps"]
+    shown["wall_time"] = s["wall_time"]
+    shown["model_dir"] = s["model_dir"]
+    return shown

@@ -174,22 +174,42 @@ class TrainingConfig(Section):
     # (built-in tasks and prompt-completion data).
     generate_eval_examples: int = Field(0, ge=0)
     generate_max_new_tokens: int = Field(16, ge=1)
-    # SuperGLUE tasks scored (log-likelihood, as `lomotune eval`) on their val split at
-    # each eval and at the end; files from data.superglue_dir, else the hub.
+    # Tasks scored (log-likelihood, as `lomotune eval`) at each eval and at the end:
+    # SuperGLUE on its val split (files from data.superglue_dir, else the hub), any other
+    # name by lm-evaluation-harness (pip install 'lomotune[harness]').
     eval_tasks: list[str] = Field(default_factory=list)
+    # a folder of your own lm-evaluation-harness task YAMLs (from the current folder):
+    eval_tasks_include_path: str | None = None
     eval_tasks_limit: int | None = Field(None, ge=1, description="first N val examples a task")
+    # Where the numbers go besides the dashboard: metrics.jsonl always, TensorBoard event
+    # files (output_dir/tensorboard), W&B (offline in output_dir/wandb unless logged in).
+    # (names: lomotune/loggers.py's LOGGERS)
+    loggers: list[str] = Field(default_factory=lambda: ["jsonl"])
 
-    @field_validator("eval_tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+    @model_validator(mode="after")
+    def _known_tasks(self) -> TrainingConfig:
+        from lomotune.evaluate.harness import check_task_names
         from lomotune.evaluate.superglue import TASKS
 
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(
-                f"unknown SuperGLUE task {', '.join(unknown)}; choose from {', '.join(TASKS)}"
-            )
-        return tasks
+        given = self.eval_tasks_include_path
+        include = Path(given).expanduser() if given is not None else None
+        if include is not None and not include.is_dir():
+            raise ValueError(f"training.eval_tasks_include_path: {given} is not a folder")
+        others = [t for t in self.eval_tasks if t not in TASKS]
+        problems = check_task_names(others, list(TASKS), include)
+        if problems:
+            raise ValueError("\n".join(f"training.eval_tasks: {p}" for p in problems))
+        return self
+
+    @field_validator("loggers")
+    @classmethod
+    def _logger_packages(cls, names: list[str]) -> list[str]:
+        from lomotune.loggers import logger_problems
+
+        problems = logger_problems(names)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return names
 
 
 class HardwareConfig(Section):
@@ -286,7 +306,22 @@ def combination_problems(r: Recipe) -> list[str]:
             f"optimizer.lora: {opt.name} trains every parameter; LoRA adapters are for "
             f"{', '.join(with_lora)}. Remove optimizer.lora or change optimizer.name"
         )
+    several = r.hardware.nodes > 1 or r.hardware.processes > 1
+    several = several or (isinstance(r.hardware.gpus, int) and r.hardware.gpus > 1)
+    harness_tasks = [t for t in r.training.eval_tasks if t not in superglue_tasks()]
+    if harness_tasks and several:
+        # The harness would run every doc on every rank of a sharded model: not tried.
+        problems.append(
+            f"training.eval_tasks: harness tasks ({', '.join(harness_tasks)}) are scored in "
+            "one process; remove them here and run lomotune eval on the saved model"
+        )
     return problems
+
+
+def superglue_tasks() -> list[str]:
+    from lomotune.evaluate.superglue import TASKS
+
+    return list(TASKS)
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from lomotune.estimate import Estimate, EstimateError
 from lomotune.estimate import for_run as estimate_for_run
 from lomotune.evaluate.during_training import task_metrics
 from lomotune.evaluate.exact_match import ExactMatch, exact_match
+from lomotune.loggers import Loggers, open_loggers
 from lomotune.models import (
     LoadedModel,
     causal_lm_loss,
@@ -106,8 +107,8 @@ class Run:
     engine: Engine
     total_steps: int
     state: TrainingState
-    dashboard: Dashboard
-    metrics: MetricsLog
+    dashboard: Dashboard  # also among `log`'s backends; notes and warnings go to it alone
+    log: Loggers  # every number of the run: dashboard, metrics.jsonl, training.loggers
     meter: MemoryMeter
     world: World
     throughput: Throughput = field(default_factory=Throughput)
@@ -202,7 +203,8 @@ def train_in(
     if precision.warning:
         run.warnings.insert(0, precision.warning)
     started = time.perf_counter()
-    with GracefulStop(quiet=not world.is_main) as stop, run.dashboard, run.meter, run.metrics:
+    with GracefulStop(quiet=not world.is_main) as stop, run.log, run.meter:
+        run.log.log_config(recipe.model_dump(mode="json"))
         if run.resumed_from:
             run.dashboard.note(f"resumed from {run.resumed_from} (step {run.state.step})")
         for message in run.notes:
@@ -223,8 +225,7 @@ def train_in(
             raise out_of_memory(run, e) from None
         final_dir = save_final(run)
         summary = summarize(run, time.perf_counter() - started, final_dir)
-        run.metrics.summary(run.state.step, summary)
-        run.dashboard.summary(summary_shown(summary))
+        run.log.log_summary(run.state.step, summary)
     if world.is_main:
         plot_quietly(run)
     return summary
@@ -531,6 +532,8 @@ def setup(
     title = f"lomotune · {opt.name} · {Path(loaded.source).name} · {recipe.model.precision}"
     if world.is_distributed:
         title += f" · {world.size} processes"
+    log_every = recipe.training.log_every
+    dashboard = Dashboard(total_steps, title, live=live, enabled=world.is_main, log_every=log_every)
     return Run(
         recipe=recipe,
         output_dir=output_dir,
@@ -541,8 +544,14 @@ def setup(
         engine=engine,
         total_steps=total_steps,
         state=state,
-        dashboard=Dashboard(total_steps, title, live=live, enabled=world.is_main),
-        metrics=MetricsLog(output_dir / METRICS_FILE, enabled=world.is_main),
+        dashboard=dashboard,
+        log=open_loggers(
+            recipe.training.loggers,
+            output_dir,
+            always=[dashboard, MetricsLog(output_dir / METRICS_FILE, enabled=world.is_main)],
+            enabled=world.is_main,
+            resume_step=state.step if checkpoint is not None else None,
+        ),
         meter=meter,
         world=world,
         resumed_from=checkpoint,
@@ -882,9 +891,7 @@ def log_step(run: Run, result, lr: float, seconds: float) -> None:
         metrics["grad_norm"] = result.grad_norm
     if result.loss_scale is not None:
         metrics["loss_scale"] = result.loss_scale
-    run.metrics.train(step, metrics)
-    show = step % run.recipe.training.log_every == 0 or step == run.total_steps
-    run.dashboard.update_step(step, metrics, show=show)
+    run.log.log_dict(step, metrics)
 
 
 @torch.no_grad()
@@ -923,11 +930,11 @@ def evaluate_loss(run: Run) -> float | None:
                 run.recipe.data.superglue_dir,
                 batch_size=run.recipe.training.batch_size,
                 limit=run.recipe.training.eval_tasks_limit,
+                include_path=run.recipe.training.eval_tasks_include_path,
             )
         )
         run.results.update(metrics)
-    run.metrics.eval(run.state.step, metrics)
-    run.dashboard.update_eval(run.state.step, metrics)
+    run.log.log_dict(run.state.step, metrics, "eval")
     return eval_loss
 
 
@@ -965,13 +972,14 @@ def generation_accuracy(run: Run, when: str) -> float | None:
         run.dashboard.note(
             f"  {prompt.splitlines()[0][:60]!r} -> {got.strip()[:30]!r} (expected {expected.strip()!r})"
         )
-    run.metrics.eval(
+    run.log.log_dict(
         run.state.step,
         {
             f"accuracy_{when.split()[0]}": result.accuracy,
             "correct": result.correct,
             "total": result.total,
         },
+        "eval",
     )
     return result.accuracy
 
@@ -1165,39 +1173,6 @@ def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:
     if run.world.is_main:
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def summary_shown(summary: dict[str, Any]) -> dict[str, Any]:
-    """The few lines printed at the end of a run, each under 80 columns; summary.json
-    holds every number (the estimate's parts, the peak per process, ...)."""
-    s = summary
-    shown: dict[str, Any] = {"method": s["method"], "steps": s["steps"]}
-    if s.get("final_loss") is not None:
-        shown["final_loss_smoothed"] = s["final_loss"]
-    shown["last_step_loss"] = s.get("last_loss")
-    for key in ("eval_loss", "accuracy_before", "accuracy_after"):
-        if s.get(key) is not None:
-            shown[key] = s[key]
-    tokens = f"{s['tokens_per_s'] or 0:,.0f}"
-    if s["world_size"] > 1:
-        tokens += f" ({s['tokens_per_s_per_process']:,.0f} a process, {s['world_size']} processes)"
-    shown["tokens_per_s"] = tokens
-    peak = f"{format_bytes(s['peak_memory'])} ({s['memory_kind']})"
-    predicted = s.get("peak_memory_predicted")
-    if s["memory_kind"].startswith("cuda") and predicted is not None:
-        peak += f", predicted {format_bytes(predicted)}"
-    shown["peak_memory"] = peak
-    if s["world_size"] > 1:  # the peak above is the largest of any process
-        shown["peak_memory_spread"] = f"{format_bytes(s['peak_memory_spread'])} over the processes"
-    if s.get("step_memory") is not None:  # a CPU run: RSS's rise within a step
-        shown["step_memory"] = (
-            f"{format_bytes(s['step_memory'])}, predicted {format_bytes(s['step_memory_predicted'])}"
-        )
-    if s.get("skipped_steps"):
-        shown["skipped_steps"] = s["skipped_steps"]
-    shown["wall_time"] = s["wall_time"]
-    shown["model_dir"] = s["model_dir"]
-    return shown
 
 
 def plot_quietly(run: Run) -> None:

@@ -52,8 +52,9 @@ def test_limit_and_fewshot(tmp_path):
 
 
 def test_bad_input_exits_2(tmp_path):
-    unknown = run("--tasks", "rte,glue", "--data-dir", str(FIXTURES / "official"))
-    assert unknown.exit_code == 2 and "unknown task glue" in unknown.output
+    # (glue itself is an lm-evaluation-harness task now)
+    unknown = run("--tasks", "rte,gleu", "--data-dir", str(FIXTURES / "official"))
+    assert unknown.exit_code == 2 and "unknown task gleu" in unknown.output
     missing = run("--tasks", "rte", "--data-dir", str(tmp_path))
     assert missing.exit_code == 2 and "no folder for rte" in missing.output
     (tmp_path / "RTE").mkdir()
@@ -63,3 +64,13 @@ def test_bad_input_exits_2(tmp_path):
     assert "val.jsonl line 1: missing field 'hypothesis'" in " ".join(malformed.output.split())
     bad_batch = run("--tasks", "rte", "--data-dir", str(tmp_path), "--batch-size", "0")
     assert bad_batch.exit_code == 2 and "--batch-size 0" in bad_batch.output
+
+
+def test_a_harness_task_without_lm_eval_names_the_pip_command(monkeypatch):
+    from lomotune.evaluate import harness
+
+    monkeypatch.setattr(harness, "harness_version", lambda: None)  # as if not installed
+    done = run("--tasks", "rte,hellaswag", "--data-dir", str(FIXTURES / "official"))
+    assert done.exit_code == 2, done.output
+    text = " ".join(done.output.split())
+    assert "unknown task hellaswag" in text and "pip install 'lomotune[harness]'" in text

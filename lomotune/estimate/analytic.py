@@ -65,16 +65,23 @@ class Shape:
     tied: bool
     max_positions: int
     softcapped: bool = False  # the head's logits go through softcap * tanh(z / softcap)
+    head_size: int | None = None  # where the config sets it (Qwen3, Gemma, Mistral Nemo)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
+
+    @property
+    def q_width(self) -> int:
+        """Width of q and of the attention output: heads x head_dim, which is not the
+        hidden size where head_dim is set (Qwen3-0.6B: 16 x 128 = 2048 from 1024)."""
+        return self.heads * self.head_dim
 
     def layer_matrices(self) -> list[int]:
         """Element counts of one layer's weight matrices (q, k, v, o, then the MLP)."""
         kv = self.kv_heads * self.head_dim
-        attn = [self.hidden * self.hidden, self.hidden * kv, self.hidden * kv]
-        attn.append(self.hidden * self.hidden)
+        attn = [self.hidden * self.q_width, self.hidden * kv, self.hidden * kv]
+        attn.append(self.q_width * self.hidden)
         mlp_count = 3 if self.family == "llama" else 2
         return attn + [self.hidden * self.intermediate] * mlp_count
 
@@ -299,7 +306,8 @@ def _qlora_adapters(shape: Shape, setup: Setup) -> dict[str, int]:
     r = setup.lora_rank
     kv = shape.kv_heads * shape.head_dim
     h, i = shape.hidden, shape.intermediate
-    pairs = [(h, h), (h, kv), (h, kv), (h, h)] + [(h, i), (h, i), (i, h)][
+    q = shape.q_width
+    pairs = [(h, q), (h, kv), (h, kv), (q, h)] + [(h, i), (h, i), (i, h)][
         : 3 if shape.family == "llama" else 2
     ]
     per_layer = sum(r * (fan_in + fan_out) for fan_in, fan_out in pairs)
@@ -342,7 +350,8 @@ def _adam_mini_v_elements(shape: Shape) -> int:
 def _rows_cols(shape: Shape, index: int) -> int:
     h, i = shape.hidden, shape.intermediate
     kv = shape.kv_heads * shape.head_dim
-    rows_cols = [h + h, kv + h, kv + h, h + h] + [i + h] * (3 if shape.family == "llama" else 2)
+    q = shape.q_width
+    rows_cols = [q + h, kv + h, kv + h, h + q] + [i + h] * (3 if shape.family == "llama" else 2)
     return rows_cols[index]
 
 
@@ -402,7 +411,7 @@ def _layer_saved(shape: Shape, setup: Setup, a: int) -> int:
     per_token = 2 * _norm_saved(shape, a)
     # q after rotary, k and v expanded to every head (transformers repeats kv heads when
     # a padding mask is passed), attention output, its transposed copy (o_proj input)
-    per_token += 5 * h * a + 4 * shape.heads  # + fp32 log-sum-exp per head
+    per_token += 5 * shape.q_width * a + 4 * shape.heads  # + fp32 log-sum-exp per head
     if shape.family == "llama":
         per_token += h * a  # the residual sum feeding the second norm
         per_token += 4 * i * a  # gate, silu(gate), up, their product (down_proj input)

@@ -1,4 +1,7 @@
-"""`lomotune eval`: load the model once, then read, score and measure each task."""
+"""`lomotune eval`: load the model once, then read, score and measure each task.
+
+SuperGLUE tasks are scored by lomotune's own scorer; any other name is handed to
+lm-evaluation-harness (`harness.py`) with the same loaded model."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lomotune.evaluate import lomo_protocol
+from lomotune.evaluate import harness, lomo_protocol
 from lomotune.evaluate.loading import EVAL_PRECISIONS, load_for_eval
 from lomotune.evaluate.reading import read_split
 from lomotune.evaluate.report import ScoringProgress
@@ -19,7 +22,7 @@ from lomotune.evaluate.run import (
     fewshot_prefixes,
     results_json,
 )
-from lomotune.evaluate.superglue import select_tasks
+from lomotune.evaluate.superglue import ALL, TASKS, select_tasks
 from lomotune.evaluate.task import EvalDataError
 from lomotune.precision import resolve_precision
 
@@ -39,6 +42,15 @@ class EvalOptions:
     num_fewshot: int = 0
     output: Path | None = None
     overwrite: bool = False
+    include_path: Path | None = None  # a folder of the harness's task YAMLs
+
+
+def split_task_names(tasks: str) -> tuple[list[str], list[str]]:
+    """'rte,hellaswag' -> (["rte"], ["hellaswag"]): the built-in scorer's tasks (and
+    `superglue`), then the names left for lm-evaluation-harness."""
+    names = [n.strip() for n in tasks.split(",") if n.strip()]
+    builtin = [n for n in names if n.lower() in TASKS or n.lower() == ALL]
+    return builtin, [n for n in names if n not in builtin]
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -62,17 +74,28 @@ def check_options(opts: EvalOptions) -> None:
         problems.append(f"--data-dir {opts.data_dir} is not a folder")
     if opts.output is not None and opts.output.exists() and not opts.overwrite:
         problems.append(f"--output {opts.output} exists; choose another file or pass --overwrite")
-    try:
-        select_tasks(opts.tasks)
-    except EvalDataError as e:
-        problems.append(f"--tasks: {e}")
+    if opts.include_path is not None and not opts.include_path.is_dir():
+        problems.append(f"--include-path {opts.include_path} is not a folder")
+    builtin, others = split_task_names(opts.tasks)
+    if not builtin and not others:
+        problems.append(f"--tasks: give one or more of {', '.join(TASKS)}, {ALL}, or harness tasks")
+    if others and opts.protocol == "lomo":
+        problems.append(f"--protocol lomo poses SuperGLUE tasks only, not {', '.join(others)}")
+    if others and opts.split != "val":
+        problems.append(
+            f"--split {opts.split}: harness tasks ({', '.join(others)}) are scored on the split "
+            "their task YAML names; leave --split out"
+        )
+    include = opts.include_path if opts.include_path and opts.include_path.is_dir() else None
+    problems += [f"--tasks: {p}" for p in harness.check_task_names(others, list(TASKS), include)]
     if problems:
         raise EvalDataError("; ".join(problems))
 
 
 def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
     check_options(opts)
-    tasks = select_tasks(opts.tasks)
+    builtin, others = split_task_names(opts.tasks)
+    tasks = select_tasks(",".join(builtin)) if builtin else []
     # All data is read (and checked) before the model is loaded: a bad line fails fast.
     splits, pools = {}, {}
     for task in tasks:
@@ -129,6 +152,16 @@ def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
             )
         progress.finish()
         results.append(result)
+    if others:
+        results += harness.evaluate_harness(
+            loaded.model,
+            loaded.tokenizer,
+            others,
+            batch_size=opts.batch_size,
+            limit=opts.limit,
+            num_fewshot=opts.num_fewshot,
+            include_path=opts.include_path,
+        )
 
     if opts.output is not None:
         config = {
@@ -137,6 +170,8 @@ def run_eval(opts: EvalOptions, progress: ScoringProgress) -> list[TaskResult]:
             "resolved_precision": precision,
             "device": str(device),
         }
+        if others:
+            config["harness_version"] = harness.harness_version()
         opts.output.parent.mkdir(parents=True, exist_ok=True)
         opts.output.write_text(json.dumps(results_json(results, config), indent=1) + "\n")
     return results
