@@ -76,7 +76,7 @@ def test_every_shipped_superglue_recipe_trains_a_step_as_shipped(tmp_path, name)
     trained = runner.invoke(
         app,
         ["train", str(RECIPES / name), "model.name=tiny-llama", f"data.superglue_dir={FIXTURES}",
-         "data.split=val", "data.max_length=256", "training.epochs=0.01",
+         "data.split=val", "data.max_length=256", "training.epochs=null", "training.max_steps=1",
          f"training.output_dir={tmp_path / 'run'}",
          "--plain"],
     )  # fmt: skip
