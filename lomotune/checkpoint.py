@@ -56,7 +56,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from lomotune.distributed import ALONE, World, gather_objects, is_sharded, share_from_main
+from lomotune.distributed.group import ALONE, World, gather_objects, share_from_main
+from lomotune.distributed.rows import is_sharded
 
 # 2: state.json records every file's size and sha256; 3: and the sha256 of its own content
 FORMAT_VERSION = 3

@@ -50,11 +50,14 @@ def fail(message: str, code: int, echo: bool = True) -> None:
     """Exit with `code`; `echo=False` for an error that rank 0 of a run already printed.
     A process started by `lomotune train`'s launcher hands the message to the launcher,
     which prints the first failed process's once."""
-    # Only a training imported it (and with it torch); other commands need not.
-    distributed = sys.modules.get("lomotune.distributed")
-    if distributed is not None and distributed.hand_to_launcher(message, code):
+    # Only a training imported lomotune.distributed (and with it torch); other commands
+    # need not.
+    launch = None
+    if "lomotune.distributed" in sys.modules:
+        from lomotune.distributed import launch
+    if launch is not None and launch.hand_to_launcher(message, code):
         raise typer.Exit(code)
-    if code == 2 and distributed is not None and distributed.another_local_rank():
+    if code == 2 and launch is not None and launch.another_local_rank():
         echo = False  # under torchrun: printed once per machine, by local rank 0
     if echo:
         # the message is text, not markup: `lomotune[wandb]` or a list must print as written
@@ -106,9 +109,9 @@ def train(
     """Fine-tune a model as a recipe says: live dashboard, checkpoints, final model.
     Several processes (hardware.gpus > 1, or gpus 0 with processes > 1) are started here
     through torch's elastic launcher; under torchrun each process is one of them."""
-    from lomotune import distributed
     from lomotune.checkpoint import EXIT_WRITE_FAILED, CheckpointError
     from lomotune.data import DataError
+    from lomotune.distributed import checks, launch
     from lomotune.models import ModelError
     from lomotune.recipe import RecipeError, load_recipe
     from lomotune.train import EXIT_BAD_INPUT, EXIT_SIGINT, TrainError
@@ -126,15 +129,15 @@ def train(
         if dry_run:  # before any process is launched: one report, nothing written
             from lomotune.dry_run import dry_run as describe
 
-            size = distributed.processes_per_node(parsed.hardware) * parsed.hardware.nodes
+            size = launch.processes_per_node(parsed.hardware) * parsed.hardware.nodes
             print(describe(parsed, size))
             return
-        if distributed.needs_launch(parsed):
-            size = distributed.processes_per_node(parsed.hardware) * parsed.hardware.nodes
-            refused = distributed.refusal(parsed, size)
+        if launch.needs_launch(parsed):
+            size = launch.processes_per_node(parsed.hardware) * parsed.hardware.nodes
+            refused = checks.refusal(parsed, size)
             if refused:
                 raise RecipeError([refused], recipe)
-            distributed.launch(parsed, ["train", recipe, *overrides, *flags])
+            launch.launch(parsed, ["train", recipe, *overrides, *flags])
             return
         run_training(
             parsed,
@@ -144,7 +147,7 @@ def train(
             live=False if plain else None,
             recipe_file=find_recipe(recipe),
         )
-    except distributed.LaunchError as e:
+    except launch.LaunchError as e:
         fail(str(e), e.exit_code)
     except RecipeError as e:
         fail(str(e), EXIT_BAD_INPUT, getattr(e, "echo", True))
@@ -162,7 +165,7 @@ def train(
             EXIT_WRITE_FAILED,
         )
     except RuntimeError as e:  # dist.DistError is one
-        lost = distributed.lost_peer(e)
+        lost = launch.lost_peer(e)
         if lost is None:
             raise
         fail(lost, 1)  # under lomotune's launcher: handed over, which names the dead process

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import transformers
 
-from lomotune import __version__, distributed, methods, run_folder
+from lomotune import __version__, methods, run_folder
 from lomotune.allocator import return_freed_memory
 from lomotune.checkpoint import (
     EXIT_WRITE_FAILED,
@@ -43,7 +43,8 @@ from lomotune.dashboard import METRICS_FILE, Dashboard, MetricsLog, truncate_met
 from lomotune.data import BatchLoader, PreparedData, prepare_data
 from lomotune.data.chat_template import apply_chat_template
 from lomotune.data.pipeline import fingerprint
-from lomotune.distributed import World, any_rank, share_from_main
+from lomotune.distributed import checks, group, launch, sharding
+from lomotune.distributed.group import World, any_rank, share_from_main
 from lomotune.estimate import Estimate, EstimateError
 from lomotune.estimate import for_run as estimate_for_run
 from lomotune.evaluate.during_training import task_metrics
@@ -136,13 +137,13 @@ def train(
     """Run a recipe to the end; returns the summary. Raises TrainError/RecipeError.
     Under a launcher (several processes) every process calls this; rank 0 decides about
     the output folder and writes every file."""
-    if distributed.needs_launch(recipe):
+    if launch.needs_launch(recipe):
         raise TrainError(
             "hardware: this recipe asks for several processes; start it with `lomotune train` "
             "(which launches them) or under torchrun",
             EXIT_BAD_INPUT,
         )
-    world = distributed.join(recipe)
+    world = group.join(recipe)
     # Rank 0 holds the output folder for the run's life: a second run there is refused.
     lock = run_folder.OutputLock(Path(recipe.training.output_dir))
     try:
@@ -158,7 +159,7 @@ def train(
         )
     finally:
         lock.release()
-        distributed.leave(world)
+        group.leave(world)
 
 
 def train_in(
@@ -173,7 +174,7 @@ def train_in(
     recipe_file: Path | None = None,
 ) -> dict[str, Any]:
     output_dir = Path(recipe.training.output_dir)
-    device = distributed.device_of(world, recipe) or pick_device(recipe)
+    device = group.device_of(world, recipe) or pick_device(recipe)
     if device.type == "cpu":
         return_freed_memory()  # else the process keeps every freed size's high-water mark
     # `auto` becomes what this hardware computes in natively; the resolved value is what
@@ -182,7 +183,7 @@ def train_in(
     recipe.model.precision = precision.precision
 
     def decide() -> tuple[Path | None, list[str]]:
-        refused = distributed.refusal(recipe, world.size)
+        refused = checks.refusal(recipe, world.size)
         if refused:
             raise RecipeError([refused])
         take_output_dir(lock)
@@ -384,8 +385,8 @@ def pick_device(recipe: Recipe) -> torch.device:
         return torch.device("cuda") if available else torch.device("cpu")
     if hw.gpus == 0:
         return torch.device("cpu")
-    if distributed.missing_gpus(hw):
-        raise RecipeError([distributed.missing_gpus(hw)])
+    if checks.missing_gpus(hw):
+        raise RecipeError([checks.missing_gpus(hw)])
     return torch.device("cuda")
 
 
@@ -396,7 +397,7 @@ def setup(
     device: torch.device,
     *,
     live: bool | None = None,
-    world: World = distributed.ALONE,
+    world: World = group.ALONE,
     force: bool = False,
 ) -> Run:
     if recipe.hardware.threads:
@@ -410,7 +411,7 @@ def setup(
     # A sharded run builds the model on the meta device on every rank; rank 0 alone reads
     # the weights, into CPU memory, and sends each rank its shards (`distribute`): no
     # device ever holds the whole model.
-    sharded = world.is_distributed and distributed.shards(recipe)
+    sharded = world.is_distributed and sharding.shards(recipe)
     model_cfg = recipe.model
     if method.fp32_master_weights and recipe.model.precision != "fp32":
         # The weights are the fp32 master copy; the loss runs under autocast (build_engine).
@@ -473,7 +474,7 @@ def setup(
         return causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
 
     if world.is_distributed:
-        loss_fn = distributed.distribute(model, loss_fn, recipe, world, device, weights)
+        loss_fn = sharding.distribute(model, loss_fn, recipe, world, device, weights)
         del weights  # rank 0's CPU copy: its tensors were sent
     engine = build_engine(recipe, model, loss_fn)
     if isinstance(engine, FusedEngine):
@@ -883,7 +884,7 @@ def log_step(run: Run, result, lr: float, seconds: float) -> None:
     # This rank's peak, for the summary (which takes the max and spread over ranks).
     run.results["peak_memory"] = max(run.results.get("peak_memory", 0), metrics["mem_peak"])
     if run.world.is_distributed:  # shown by rank 0: the largest peak of any rank, the spread
-        peaks = distributed.gather_floats(run.world, metrics["mem_peak"])
+        peaks = group.gather_floats(run.world, metrics["mem_peak"])
         metrics["mem_peak"], metrics["mem_peak_spread"] = max(peaks), max(peaks) - min(peaks)
         if metrics["tokens_per_s"] is not None:
             metrics["tokens_per_s_per_process"] = metrics["tokens_per_s"] / run.world.size
@@ -956,7 +957,7 @@ def generation_accuracy(run: Run, when: str) -> float | None:
     # gathered (no collective inside generate), and the counts are summed.
     n, rank, size = len(pairs), run.world.rank, run.world.size
     share = pairs[n * rank // size : n * (rank + 1) // size]
-    with distributed.whole_model(run.loaded.model):
+    with sharding.whole_model(run.loaded.model):
         mine = exact_match(
             run.loaded.model,
             run.loaded.tokenizer,
@@ -964,7 +965,7 @@ def generation_accuracy(run: Run, when: str) -> float | None:
             max_new_tokens=run.recipe.training.generate_max_new_tokens,
             keep_samples=SAMPLES_SHOWN,
         )
-    result = combine_exact_match(distributed.gather_objects(run.world, mine))
+    result = combine_exact_match(group.gather_objects(run.world, mine))
     run.dashboard.note(
         f"held-out exact match {when}: {result.correct}/{result.total} ({result.accuracy:.0%})"
     )
@@ -1098,7 +1099,7 @@ def save_final(run: Run) -> Path:
         )
     save(run)
     final = run.output_dir / "model"
-    weights = distributed.full_state_dict(run.loaded.model)
+    weights = sharding.full_state_dict(run.loaded.model)
     # Rank 0 writes it alone (minutes for a large model): the others wait for it in
     # share_from_main, with its long timeout, not in the next collective with the run's.
     share_from_main(run.world, lambda: write_final(run, final, weights))
@@ -1139,9 +1140,7 @@ def non_finite_weights(model: torch.nn.Module) -> list[str]:
 
 
 def summarize(run: Run, wall_seconds: float, final_dir: Path) -> dict[str, Any]:
-    peaks = distributed.gather_floats(
-        run.world, run.results.get("peak_memory", run.meter.peak_bytes())
-    )
+    peaks = group.gather_floats(run.world, run.results.get("peak_memory", run.meter.peak_bytes()))
     summary = {
         "method": run.recipe.optimizer.name,
         "steps": run.state.step,

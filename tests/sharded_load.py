@@ -11,21 +11,22 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from lomotune import distributed, train
+from lomotune import train
+from lomotune.distributed import group, sharding
 from lomotune.recipe import load_recipe
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    world = distributed.World(rank=rank, local_rank=rank, size=2)
+    world = group.World(rank=rank, local_rank=rank, size=2)
     recipe = load_recipe(
         Path(__file__).parents[1] / "lomotune" / "recipes" / "tiny.yaml",
         ["model.precision=bf16", "hardware.gpus=0", "data.num_examples=8",
          f"training.output_dir={out / 'run'}"],
     )  # fmt: skip
     seen = {}
-    real_distribute = distributed.distribute
+    real_distribute = sharding.distribute
 
     def distribute(model, *args, **kwargs):
         # Bytes of the model's own tensors on a device (not on meta) when sharding starts.
@@ -33,7 +34,7 @@ if __name__ == "__main__":
         seen["bytes_on_device"] = sum(t.nbytes for t in tensors if not t.is_meta)
         return real_distribute(model, *args, **kwargs)
 
-    distributed.distribute = distribute
+    sharding.distribute = distribute
     run = train.setup(recipe, out / "run", None, torch.device("cpu"), live=False, world=world)
     model = run.loaded.model
     shards = {n: p.to_local().contiguous() for n, p in model.named_parameters()}

@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from typer.testing import CliRunner
 
-from lomotune import distributed
 from lomotune.cli import app
+from lomotune.distributed import checks, group
 from lomotune.recipe import load_recipe
 
 ROOT = Path(__file__).parents[1]
@@ -484,14 +484,14 @@ def test_a_torch_without_fsdp2_sum_reduction_is_refused_with_the_floor(tmp_path,
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "has no FSDPModule.set_gradient_divide_factor" in result.output
-    assert f"Install torch>={distributed.TORCH_FLOOR}" in result.output
+    assert f"Install torch>={checks.TORCH_FLOOR}" in result.output
     recipe = load_recipe(TINY, ["hardware.gpus=0", "optimizer.name=mezo"])
-    assert distributed.refusal(recipe, 2) is None
+    assert checks.refusal(recipe, 2) is None
 
 
 def test_the_torch_floor_in_the_code_is_the_one_pyproject_requires():
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert f'"torch>={distributed.TORCH_FLOOR}",' in pyproject
+    assert f'"torch>={checks.TORCH_FLOOR}",' in pyproject
 
 
 def _slow_rank_0(rank: int, port: int, out: str) -> None:
@@ -506,10 +506,10 @@ def _slow_rank_0(rank: int, port: int, out: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
         timeout=timedelta(seconds=5),
     )  # fmt: skip
-    world = distributed.World(rank=rank, local_rank=rank, size=2)
+    world = group.World(rank=rank, local_rank=rank, size=2)
     try:
-        got = distributed.share_from_main(world, lambda: time.sleep(12) or "written")
-        got += f" {distributed.gather_floats(world, float(rank))}"  # the run's group again
+        got = group.share_from_main(world, lambda: time.sleep(12) or "written")
+        got += f" {group.gather_floats(world, float(rank))}"  # the run's group again
     except Exception as e:
         got = f"{type(e).__name__}: {e}"
     Path(out, f"rank{rank}").write_text(got)
@@ -525,4 +525,4 @@ def test_rank_0_working_alone_longer_than_the_collective_timeout_is_waited_for(t
     mp.spawn(_slow_rank_0, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}").read_text() == "written [0.0, 1.0]"
-    assert distributed.RANK_0_ALONE_TIMEOUT.total_seconds() >= 3600
+    assert group.RANK_0_ALONE_TIMEOUT.total_seconds() >= 3600

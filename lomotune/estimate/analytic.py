@@ -357,7 +357,7 @@ def _rows_cols(shape: Shape, index: int) -> int:
 
 def _fsdp_gathered(shape: Shape, ranks: int, a: int) -> int:
     """Bytes of parameters gathered in full beyond a rank's shard, under lomotune's FSDP2
-    (distributed.py: one unit per decoder layer, the rest in the root unit): the layer
+    (distributed/sharding.py: one unit per decoder layer, the rest in the root unit): the layer
     running and the next one prefetched, and the root unit (embeddings, lm_head, final
     norm), which FSDP2 keeps gathered from the forward through the backward (its
     reshard_after_forward is off for the root). Read from the code and FSDP2's

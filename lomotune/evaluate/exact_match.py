@@ -28,7 +28,7 @@ def exact_match(
     """Greedy-decode each prompt; correct when the generated text, stripped, equals the
     expected answer, stripped. Prompts are left-padded so that a batch decodes together.
     This process decodes alone: a model sharded over several processes must be gathered
-    whole first (`distributed.whole_model`)."""
+    whole first (`distributed.sharding.whole_model`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -31,7 +31,7 @@ def build_engine(recipe: Recipe, model: torch.nn.Module, loss_fn: LossFn) -> Eng
         loss_fn = under_autocast(loss_fn, precision, device_type)
     if method.fused:
         if opt.name == "adalomo":
-            from lomotune.distributed import is_sharded, sum_over_ranks
+            from lomotune.distributed.rows import is_sharded, sum_over_ranks
             from lomotune.optim.adalomo import AdaLomoRule
 
             rule = AdaLomoRule(

@@ -9,7 +9,7 @@ import io
 
 import torch
 
-from lomotune.distributed import (
+from lomotune.distributed.rows import (
     local_shard,
     shard_like,
     sum_over_ranks,

@@ -41,7 +41,7 @@ from typing import Protocol
 
 import torch
 
-from lomotune.distributed import (
+from lomotune.distributed.rows import (
     local_shard,
     rows_as_dtensor,
     rows_of_rank,
