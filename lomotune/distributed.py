@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from lomotune import methods
+from lomotune.errors import LomotuneError
 from lomotune.recipe import HardwareConfig, Recipe
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
@@ -64,12 +65,8 @@ MESSAGES_VARIABLE = "LOMOTUNE_LAUNCHER_MESSAGES"
 LAUNCHER_PID_VARIABLE = "LOMOTUNE_LAUNCHER_PID"
 
 
-class LaunchError(Exception):
+class LaunchError(LomotuneError):
     """Workers that failed; carries the exit code to hand back to the shell."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -354,7 +351,9 @@ def share_from_main(world: World, make):
     cls, args, attributes = payload
     copy = cls.__new__(cls)
     copy.args = args
-    copy.__dict__.update(attributes, echo=False)  # rank 0 prints it; the others exit quietly
+    copy.__dict__.update(attributes)
+    if isinstance(copy, LomotuneError):
+        copy.printed_by_rank_0 = True  # rank 0 prints it; the others exit quietly
     raise copy
 
 
