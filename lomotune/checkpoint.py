@@ -58,6 +58,7 @@ from safetensors.torch import load_file, save_file
 
 from lomotune.distributed.group import ALONE, World, gather_objects, share_from_main
 from lomotune.distributed.rows import is_sharded
+from lomotune.errors import EXIT_FAILED, LomotuneError
 
 # 2: state.json records every file's size and sha256; 3: and the sha256 of its own content
 FORMAT_VERSION = 3
@@ -69,12 +70,10 @@ SHARDS = "shards"  # the DCP folder of a sharded checkpoint
 EXIT_WRITE_FAILED = 5
 
 
-class CheckpointError(Exception):
+class CheckpointError(LomotuneError):
     """A checkpoint that cannot be written or read; the message says what to do."""
 
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EXIT_FAILED
 
 
 def os_error_of(error: BaseException) -> OSError | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from lomotune.errors import LomotuneError
 
 app = typer.Typer(
     add_completion=False,
@@ -65,6 +68,23 @@ def fail(message: str, code: int, echo: bool = True) -> None:
     raise typer.Exit(code)
 
 
+def command(name: str | None = None):
+    """`app.command()`, and a LomotuneError the command raises ends it with its message
+    and exit code: the one place lomotune's errors become exits."""
+
+    def register(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except LomotuneError as e:
+                fail(str(e), e.exit_code, echo=not e.printed_by_rank_0)
+
+        return app.command(name=name)(run)
+
+    return register
+
+
 def find_recipe(name: str) -> Path:
     path = Path(name)
     if path.exists() or path.suffix in (".yaml", ".yml"):
@@ -73,7 +93,7 @@ def find_recipe(name: str) -> Path:
     return shipped if shipped.exists() else path
 
 
-@app.command()
+@command()
 def train(
     recipe: Annotated[
         str, typer.Argument(help="recipe YAML file, or the name of a shipped recipe")
@@ -109,12 +129,10 @@ def train(
     """Fine-tune a model as a recipe says: live dashboard, checkpoints, final model.
     Several processes (hardware.gpus > 1, or gpus 0 with processes > 1) are started here
     through torch's elastic launcher; under torchrun each process is one of them."""
-    from lomotune.checkpoint import EXIT_WRITE_FAILED, CheckpointError
-    from lomotune.data import DataError
+    from lomotune.checkpoint import EXIT_WRITE_FAILED
     from lomotune.distributed import checks, launch
-    from lomotune.models import ModelError
     from lomotune.recipe import RecipeError, load_recipe
-    from lomotune.train import EXIT_BAD_INPUT, EXIT_SIGINT, TrainError
+    from lomotune.train import EXIT_SIGINT
     from lomotune.train import train as run_training
 
     given = {"nodes": nodes, "node_rank": node_rank, "master_addr": master_addr}
@@ -147,16 +165,6 @@ def train(
             live=False if plain else None,
             recipe_file=find_recipe(recipe),
         )
-    except launch.LaunchError as e:
-        fail(str(e), e.exit_code)
-    except RecipeError as e:
-        fail(str(e), EXIT_BAD_INPUT, getattr(e, "echo", True))
-    except (ModelError, DataError) as e:
-        fail(str(e), EXIT_BAD_INPUT, getattr(e, "echo", True))
-    except TrainError as e:
-        fail(str(e), e.exit_code, getattr(e, "echo", True))
-    except CheckpointError as e:
-        fail(str(e), e.exit_code, getattr(e, "echo", True))
     except OSError as e:  # a full disk, a folder gone: the system's reason, not a traceback
         where = f": {e.filename}" if e.filename else ""
         fail(
@@ -177,7 +185,7 @@ def train(
         )
 
 
-@app.command()
+@command()
 def recipes() -> None:
     """List the shipped recipes."""
     import yaml
@@ -204,29 +212,19 @@ def recipes() -> None:
     )
 
 
-@app.command()
+@command()
 def models(
     fetch: Annotated[
         str | None, typer.Option(help="fetch and convert this built-in model now")
     ] = None,
 ) -> None:
     """List the built-in model aliases and whether each is in the cache."""
-    from lomotune.models import (
-        BUILTIN_MODELS,
-        TINY_ALIAS,
-        ModelError,
-        builtin_path,
-        fetch_builtin,
-        is_cached,
-    )
+    from lomotune.models import BUILTIN_MODELS, TINY_ALIAS, builtin_path, fetch_builtin, is_cached
 
     if fetch is not None:
         if fetch not in BUILTIN_MODELS:
             fail(f"no built-in model {fetch!r}; built-in: {', '.join(BUILTIN_MODELS)}", 2)
-        try:
-            fetch_builtin(BUILTIN_MODELS[fetch])
-        except ModelError as e:
-            fail(str(e), 2)
+        fetch_builtin(BUILTIN_MODELS[fetch])
     # Aliases are never cut and descriptions wrap (no "..."); the cache folder is one line
     # below, where it can be copied whole.
     table = Table("alias", "cached", "description")
@@ -244,18 +242,15 @@ def models(
     )
 
 
-@app.command()
+@command()
 def plot(run_dir: Annotated[Path, typer.Argument(help="a run's output folder")]) -> None:
     """Redraw the PNG of loss, tokens/s and memory of a run."""
-    from lomotune.plot import PlotError, plot_run
+    from lomotune.plot import plot_run
 
-    try:
-        print(plot_run(run_dir))
-    except PlotError as e:
-        fail(str(e), 2)
+    print(plot_run(run_dir))
 
 
-@app.command()
+@command()
 def export(
     adapter: Annotated[
         Path, typer.Argument(help="a qlora-sgd run's folder, its model/ or a PEFT adapter folder")
@@ -270,20 +265,16 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
 ) -> None:
     """Write a full model from a LoRA adapter (`--merge`)."""
-    from lomotune.export import ExportError, merge_adapter
-    from lomotune.models import ModelError
+    from lomotune.export import merge_adapter
 
     if not merge:
         fail(
             "only --merge is supported: the adapter folder itself is already the unmerged export", 2
         )
-    try:
-        print(merge_adapter(base, adapter, out, precision, overwrite=overwrite))
-    except (ExportError, ModelError) as e:
-        fail(str(e), 2)
+    print(merge_adapter(base, adapter, out, precision, overwrite=overwrite))
 
 
-@app.command()
+@command()
 def estimate(
     recipe: Annotated[str | None, typer.Argument(help="recipe YAML (or shipped name)")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value")] = None,
@@ -302,84 +293,27 @@ def estimate(
     gpu_mem: Annotated[float, typer.Option(help="GiB of the GPU for --max-batch")] = 24.0,
 ) -> None:
     """Predict the peak GPU memory of a training step, before anything runs."""
-    import dataclasses
-    import json
+    from lomotune.estimate.command import EstimateOptions, run_estimate, show
 
-    from lomotune import estimate as est
-    from lomotune.recipe import RecipeError, load_recipe
-
-    notes: list[str] = []
-    if not (0 < gpu_mem < float("inf")):
-        fail(f"--gpu-mem: {gpu_mem:g} is not a size; give the GPU's memory in GiB, e.g. 24", 2)
-    try:
-        if recipe is not None:
-            parsed = load_recipe(find_recipe(recipe), overrides or [])
-            name, setup, notes = est.setup_from_recipe(parsed)
-        else:
-            name = model or "smollm2-135m"
-            setup = est.Setup(method="lomo", batch_size=8, seq_len=512)
-        given = {
-            "method": method,
-            "batch_size": batch_size,
-            "seq_len": seq_len,
-            "precision": precision,
-            "gpus": gpus,
-            "checkpointing": checkpointing,
-        }
-        setup = dataclasses.replace(setup, **{k: v for k, v in given.items() if v is not None})
-        name = model or name
-        config = est.resolve_config(name)
-        methods = list(est.METHODS) if compare else [setup.method]
-        if simulate:
-            methods = [m for m in methods if m in est.SIMULATED_METHODS] if compare else methods
-        results = []
-        for m in methods:
-            one = dataclasses.replace(setup, method=m)
-            if simulate:
-                results.append(est.simulated_estimate(config, one))
-            else:
-                results.append(est.estimate(est.shape_of(config), one))
-        if max_batch:
-            fitting = {
-                m: est.max_batch(config, dataclasses.replace(setup, method=m), gpu_mem)
-                for m in methods
-            }
-    except RecipeError as e:
-        fail(str(e), 2)
-    except est.EstimateError as e:
-        fail(str(e), 2)
-    from lomotune.estimate import report
-
-    title = (
-        f"{name}: batch {setup.batch_size} x {setup.seq_len}, {setup.precision}, "
-        f"checkpointing {'on' if setup.checkpointing else 'off'}, {setup.gpus} GPU(s)"
-        + (", simulated" if simulate else "")
+    opts = EstimateOptions(
+        find_recipe(recipe) if recipe is not None else None,
+        tuple(overrides or ()),
+        model,
+        method,
+        batch_size,
+        seq_len,
+        precision,
+        gpus,
+        checkpointing,
+        compare,
+        simulate,
+        max_batch,
+        gpu_mem,
     )
-    if simulate:
-        notes.append("simulated: MemTracker's categories; temporaries of backward are one part")
-    if json_out:
-        out = report.as_json(results, notes)
-        if max_batch:
-            for m, b in fitting.items():
-                out[m]["max_batch"] = b
-        print(json.dumps(out, indent=1))
-    else:
-        console = Console()
-        for note in notes:
-            console.print(f"note: {note}", highlight=False)
-        console.print(report.table(results, title))
-        for line in report.peak_lines(results):
-            console.print(line, highlight=False)
-        if max_batch:
-            for m, b in fitting.items():
-                console.print(
-                    f"{m}: largest batch of {setup.seq_len} tokens in {gpu_mem:g} GiB: {b}"
-                )
-    if plot_path is not None:
-        report.plot(results, plot_path, title)
+    show(run_estimate(opts), json_out, plot_path)
 
 
-@app.command(name="eval")
+@command(name="eval")
 def evaluate(
     model: Annotated[
         str, typer.Option(help="run folder, model folder, adapter folder, alias or hub id")
@@ -409,8 +343,6 @@ def evaluate(
     name by lm-evaluation-harness (pip install 'lomotune[harness]')."""
     from lomotune.evaluate.command import EvalOptions, run_eval
     from lomotune.evaluate.report import ScoringProgress, results_table
-    from lomotune.evaluate.task import EvalDataError
-    from lomotune.models import ModelError
 
     opts = EvalOptions(
         model,
@@ -426,10 +358,7 @@ def evaluate(
         overwrite,
         include_path,
     )
-    try:
-        results = run_eval(opts, ScoringProgress())
-    except (EvalDataError, ModelError) as e:
-        fail(str(e), 2)
+    results = run_eval(opts, ScoringProgress())
     Console().print(results_table(results))
 
 

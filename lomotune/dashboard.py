@@ -35,6 +35,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from lomotune.errors import EXIT_FAILED, LomotuneError
 from lomotune.monitor import format_bytes
 
 METRICS_FILE = "metrics.jsonl"
@@ -468,8 +469,10 @@ class Dashboard:
 # Metrics log
 
 
-class MetricsError(Exception):
+class MetricsError(LomotuneError):
     """A metrics file that cannot be read; the message names the file and the line."""
+
+    exit_code = EXIT_FAILED  # `plot` reports it as a PlotError (2); a resume stops with 1
 
 
 def _json_default(value: Any) -> Any:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from lomotune.errors import LomotuneError
 from lomotune.models import DTYPES, load_model
 from lomotune.recipe import ModelConfig
 
 
-class ExportError(Exception):
+class ExportError(LomotuneError):
     """An export that cannot be done; the message says what to change."""
 
 

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
 from lomotune.cache import cache_root
+from lomotune.errors import LomotuneError
 from lomotune.linear_cross_entropy import (
     PLAIN,
     LogitTransform,
@@ -38,7 +39,7 @@ from lomotune.recipe import ModelConfig
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ModelError(Exception):
+class ModelError(LomotuneError):
     """A model that cannot be found or loaded; the message says how to fix it."""
 
 

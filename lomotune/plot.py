@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from lomotune.dashboard import LOSS_EMA_BETA, METRICS_FILE, MetricsError, read_metrics
+from lomotune.errors import LomotuneError
 
 PLOT_FILE = "training.png"
 GIB = 1024**3
 
 
-class PlotError(Exception):
+class PlotError(LomotuneError):
     """A run that cannot be plotted; the message says why and what to do."""
 
 

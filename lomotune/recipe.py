@@ -24,13 +24,14 @@ from pydantic import (
 )
 
 from lomotune import methods
+from lomotune.errors import LomotuneError
 
 # auto: bf16 where the hardware computes in it natively, else fp32 (see precision.py).
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 MethodName = Literal[methods.NAMES]  # type: ignore[valid-type]
 
 
-class RecipeError(Exception):
+class RecipeError(LomotuneError):
     """A recipe that cannot run. `problems` holds one line per problem."""
 
     def __init__(self, problems: list[str], source: str = "recipe"):

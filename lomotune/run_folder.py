@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from lomotune.errors import LomotuneError
+
 LOCK_FILE = ".lomotune.lock"
 RECIPE_HEADER = "# resolved recipe, written by lomotune"
 # Everything a run writes into its output folder (the lock aside, which its holder removes).
@@ -43,7 +45,7 @@ RUN_ENTRIES = (
 )
 
 
-class FolderInUse(Exception):
+class FolderInUse(LomotuneError):
     """Another live process holds the output folder's lock; the message names it."""
 
 

@@ -45,6 +45,7 @@ from lomotune.data.chat_template import apply_chat_template
 from lomotune.data.pipeline import fingerprint
 from lomotune.distributed import checks, group, launch, sharding
 from lomotune.distributed.group import World, any_rank, share_from_main
+from lomotune.errors import EXIT_BAD_INPUT, EXIT_FAILED, LomotuneError
 from lomotune.estimate import Estimate, EstimateError
 from lomotune.estimate import for_run as estimate_for_run
 from lomotune.evaluate.during_training import task_metrics
@@ -70,8 +71,7 @@ from lomotune.recipe import (
     recipe_to_yaml,
 )
 
-# Exit codes: what a script calling lomotune can tell apart.
-EXIT_BAD_INPUT = 2
+# Exit codes: what a script calling lomotune can tell apart (1 and 2: lomotune.errors).
 EXIT_OUT_OF_MEMORY = 3
 EXIT_DIVERGED = 4
 EXIT_SIGINT = 130
@@ -89,12 +89,10 @@ RESUME_MUST_MATCH = (
 )
 
 
-class TrainError(Exception):
+class TrainError(LomotuneError):
     """A run that stops for a reason the user can act on; carries its exit code."""
 
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EXIT_FAILED
 
 
 @dataclass

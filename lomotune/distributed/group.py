@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from lomotune.distributed.launch import die_with_launcher, under_launcher
+from lomotune.errors import LomotuneError
 from lomotune.recipe import Recipe
 
 
@@ -116,7 +117,9 @@ def share_from_main(world: World, make):
     cls, args, attributes = payload
     copy = cls.__new__(cls)
     copy.args = args
-    copy.__dict__.update(attributes, echo=False)  # rank 0 prints it; the others exit quietly
+    copy.__dict__.update(attributes)
+    if isinstance(copy, LomotuneError):
+        copy.printed_by_rank_0 = True  # rank 0 prints it; the others exit quietly
     raise copy
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from lomotune.errors import LomotuneError
 from lomotune.recipe import HardwareConfig, Recipe
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
@@ -36,12 +37,8 @@ MESSAGES_VARIABLE = "LOMOTUNE_LAUNCHER_MESSAGES"
 LAUNCHER_PID_VARIABLE = "LOMOTUNE_LAUNCHER_PID"
 
 
-class LaunchError(Exception):
+class LaunchError(LomotuneError):
     """Workers that failed; carries the exit code to hand back to the shell."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def under_launcher() -> bool:

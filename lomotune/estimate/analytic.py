@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lomotune import methods
+from lomotune.errors import LomotuneError
 from lomotune.linear_cross_entropy import SLOPE_BLOCKS
 from lomotune.optim.mezo import Z_CHUNK, Z_SCRATCH_BYTES
 from lomotune.optim.slices import TEMP_BYTES_PER_ELEMENT, slice_bytes_for
@@ -47,7 +48,7 @@ CUDA_OVERHEAD = int(0.75 * GiB)
 NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 
-class EstimateError(Exception):
+class EstimateError(LomotuneError):
     """A configuration the formulas do not cover, or impossible sizes; says which."""
 
 

@@ -25,6 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lomotune import methods
+from lomotune.errors import LomotuneError
 from lomotune.recipe import ClipConfig, OptimizerConfig
 
 aten = torch.ops.aten
@@ -38,7 +39,7 @@ SIMULATED_METHODS = tuple(
 FORWARD_ONLY = "no_grad"
 
 
-class SimulationError(Exception):
+class SimulationError(LomotuneError):
     """A configuration that cannot be simulated; the message says why."""
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lomotune.errors import LomotuneError
 from lomotune.evaluate.metrics import Scores, choice_scores
 
 
-class EvalDataError(Exception):
+class EvalDataError(LomotuneError):
     """Data that cannot be evaluated (a missing folder, a malformed line, an unknown
     task); the message names the file and line and says how to fix it."""
 
