@@ -107,9 +107,9 @@ def train(
     Several processes (hardware.gpus > 1, or gpus 0 with processes > 1) are started here
     through torch's elastic launcher; under torchrun each process is one of them."""
     from lomotune import distributed
+    from lomotune.builtin_models import ModelError
     from lomotune.checkpoint import EXIT_WRITE_FAILED, CheckpointError
     from lomotune.data import DataError
-    from lomotune.models import ModelError
     from lomotune.recipe import RecipeError, load_recipe
     from lomotune.train import EXIT_BAD_INPUT, EXIT_SIGINT, TrainError
     from lomotune.train import train as run_training
@@ -208,7 +208,7 @@ def models(
     ] = None,
 ) -> None:
     """List the built-in model aliases and whether each is in the cache."""
-    from lomotune.models import (
+    from lomotune.builtin_models import (
         BUILTIN_MODELS,
         TINY_ALIAS,
         ModelError,
@@ -267,8 +267,8 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
 ) -> None:
     """Write a full model from a LoRA adapter (`--merge`)."""
+    from lomotune.builtin_models import ModelError
     from lomotune.export import ExportError, merge_adapter
-    from lomotune.models import ModelError
 
     if not merge:
         fail(
@@ -404,10 +404,10 @@ def evaluate(
 ) -> None:
     """Score a model on SuperGLUE by the log-likelihood of each answer; any other task
     name by lm-evaluation-harness (pip install 'lomotune[harness]')."""
+    from lomotune.builtin_models import ModelError
     from lomotune.evaluate.command import EvalOptions, run_eval
     from lomotune.evaluate.report import ScoringProgress, results_table
     from lomotune.evaluate.task import EvalDataError
-    from lomotune.models import ModelError
 
     opts = EvalOptions(
         model,
