@@ -219,7 +219,13 @@ def models(
     ] = None,
 ) -> None:
     """List the built-in model aliases and whether each is in the cache."""
-    from lomotune.models import BUILTIN_MODELS, TINY_ALIAS, builtin_path, fetch_builtin, is_cached
+    from lomotune.builtin_models import (
+        BUILTIN_MODELS,
+        TINY_ALIAS,
+        builtin_path,
+        fetch_builtin,
+        is_cached,
+    )
 
     if fetch is not None:
         if fetch not in BUILTIN_MODELS:

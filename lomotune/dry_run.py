@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
+from lomotune.builtin_models import TINY_ALIAS, ModelError, resolve_model
 from lomotune.data import BatchLoader, prepare_data
 from lomotune.data.chat_template import apply_chat_template
 from lomotune.estimate import EstimateError
 from lomotune.estimate import for_run as estimate_for_run
-from lomotune.models import TINY_ALIAS, ModelError, load_tokenizer, resolve_model
+from lomotune.models import load_tokenizer
 from lomotune.monitor import format_bytes
 from lomotune.precision import resolve_precision
 from lomotune.recipe import ModelConfig, Recipe, recipe_to_yaml
@@ -22,7 +23,8 @@ from lomotune.recipe import ModelConfig, Recipe, recipe_to_yaml
 def dry_run(recipe: Recipe, world_size: int = 1) -> str:
     """The report of a dry run (resolves the recipe's `auto` values in place, as a run
     does). Raises what a run's setup raises for bad input (ModelError, DataError, ...)."""
-    from lomotune.train import count_total_steps, pick_device, threads_note  # imports much
+    from lomotune.advice import threads_note
+    from lomotune.train import count_total_steps, pick_device  # imports much
 
     device = pick_device(recipe)
     precision = resolve_precision(recipe.model.precision, device)

@@ -3,7 +3,7 @@ projection's weight gradient accumulated in one buffer.
 
     loss = sum_i CE(transform(hidden_i @ weight.T), label_i)
 
-Autograd through per-chunk checkpoints (the general path in `models.causal_lm_loss`)
+Autograd through per-chunk checkpoints (the general path in `loss.causal_lm_loss`)
 makes every chunk's weight gradient a fresh (vocab x hidden) tensor and sums it into the
 one accumulated so far: up to three head-sized tensors alive at once, besides the
 chunk's logits, log-probabilities and their gradient. This function's backward recomputes

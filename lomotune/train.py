@@ -4,17 +4,17 @@
            -> checkpoints (every save_every steps, on SIGINT/SIGTERM, at the end)
            -> final model (Hugging Face folder) + metrics.jsonl + training.png
 
-`train(recipe)` is the whole thing; the CLI only parses arguments and calls it.
+`train(recipe)` is the whole thing; the CLI only parses arguments and calls it. What a
+resume may change is `resume_policy`'s to say, warnings on settings `advice`'s, and
+SIGINT/SIGTERM `signals`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import platform
 import random
-import re
 import shutil
 import signal
 import time
@@ -27,6 +27,7 @@ import torch
 import transformers
 
 from lomotune import __version__, methods, run_folder
+from lomotune.advice import method_warnings, mezo_precision_warning, threads_note
 from lomotune.allocator import return_freed_memory
 from lomotune.checkpoint import (
     EXIT_WRITE_FAILED,
@@ -51,42 +52,22 @@ from lomotune.estimate import for_run as estimate_for_run
 from lomotune.evaluate.during_training import task_metrics
 from lomotune.evaluate.exact_match import ExactMatch, exact_match
 from lomotune.loggers import Loggers, open_loggers
-from lomotune.models import (
-    LoadedModel,
-    causal_lm_loss,
-    count_parameters,
-    load_model,
-    loss_note,
-)
+from lomotune.loss import causal_lm_loss, loss_note
+from lomotune.models import LoadedModel, count_parameters, load_model
 from lomotune.monitor import MemoryMeter, Throughput, format_bytes
-from lomotune.optim import build_engine, kernels
+from lomotune.optim import build_engine
 from lomotune.optim.engine import Engine, FusedEngine
 from lomotune.optim.schedule import lr_at
 from lomotune.precision import resolve_precision
-from lomotune.recipe import (
-    LoraConfig,
-    OptimizerConfig,
-    Recipe,
-    RecipeError,
-    recipe_to_yaml,
-)
+from lomotune.recipe import LoraConfig, Recipe, RecipeError, recipe_to_yaml
+from lomotune.resume_policy import data_change, recipe_differences, resume_changes, resume_history
+from lomotune.signals import GracefulStop
 
 # Exit codes: what a script calling lomotune can tell apart (1 and 2: lomotune.errors).
 EXIT_OUT_OF_MEMORY = 3
 EXIT_DIVERGED = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
-
-# What must match for a checkpoint to continue under a recipe (the rest may change:
-# max_steps, eval_every, save_every, output appearance).
-RESUME_MUST_MATCH = (
-    "model",
-    "data",
-    "optimizer.name",
-    "optimizer.lora",
-    "training.seed",
-    "training.batch_size",
-)
 
 
 class TrainError(LomotuneError):
@@ -358,24 +339,6 @@ def overwrite_run(output_dir: Path, recipe: Recipe, recipe_file: Path | None) ->
     run_folder.remove_run_outputs(output_dir)
 
 
-def recipe_differences(saved: dict, current: dict) -> list[str]:
-    """The keys that differ, one line each (the leaves of a section, not the section)."""
-    out = []
-    for key in RESUME_MUST_MATCH:
-        a, b = dig(saved, key), dig(current, key)
-        if key == "training.batch_size" and b == "auto":
-            continue  # the run takes the checkpoint's batch size
-        old, new = flat(a, key), flat(b, key)
-        if isinstance(a, dict) != isinstance(b, dict):  # a section on one side only
-            old, new = {key: a}, {key: b}
-        for name in sorted(set(old) | set(new)):
-            if old.get(name) != new.get(name):
-                out.append(
-                    f"{name}: checkpoint has {old.get(name)!r}, recipe has {new.get(name)!r}"
-                )
-    return out
-
-
 def pick_device(recipe: Recipe) -> torch.device:
     hw = recipe.hardware
     available = torch.cuda.device_count()
@@ -524,8 +487,7 @@ def setup(
         state.data_fingerprint = data_fingerprint
         if world.is_main:
             truncate_metrics(output_dir / METRICS_FILE, state.step)
-            history = resume_history(output_dir, state.step)
-            history += [f"resumed at step {state.step}: {change}" for change in changes]
+            history = resume_history(output_dir, state.step, changes)
     if world.is_main:
         write_recipe(recipe, output_dir, loaded, world, history)
     title = f"lomotune · {opt.name} · {Path(loaded.source).name} · {recipe.model.precision}"
@@ -563,98 +525,20 @@ def setup(
     )
 
 
-def threads_note(recipe: Recipe) -> str:
-    """A CPU run's speed follows its torch thread count: say what it is and who chose it."""
-    who = (
-        "hardware.threads"
-        if recipe.hardware.threads
-        else "torch's default; hardware.threads sets it"
-    )
-    return f"torch threads: {torch.get_num_threads()} ({who})"
-
-
 def same_data_or_force(
     checkpoint: Path, data: PreparedData, data_fingerprint: str, force: bool
 ) -> list[str]:
-    """Refuse to resume onto training data other than the checkpoint's (a data file
-    edited under the run: the recipe's data section alone does not show it); with --force,
-    a note. Returns the notes to show."""
-    saved = read_training_state(checkpoint)[0].data_fingerprint
-    if saved == data_fingerprint:
+    """Refuse to resume onto training data other than the checkpoint's (resume_policy's
+    data_change); with --force, a note. Returns the notes to show."""
+    what = data_change(checkpoint, data, data_fingerprint)
+    if what is None:
         return []
-    what = (
-        f"the training data ({data.stats.source}: {len(data.train)} examples now) is not the "
-        f"data the checkpoint {checkpoint} was trained on (the tokenized set's sha256 differs)"
-    )
     if not force:
         raise TrainError(
             f"{what}. Resume with the original data, or pass --force to continue on this data",
             EXIT_BAD_INPUT,
         )
     return [f"{what}; continuing on it (--force) from the checkpoint's data position"]
-
-
-# Keys a resume may change, each with a note of what changes from which step: the
-# schedule and the update rule's settings. Those of RESUME_MUST_MATCH need --force; the
-# rest (eval_every, save_every, log_every, hardware, ...) change nothing that is trained.
-RESUME_NOTED = ("optimizer", "training.max_steps", "training.epochs")
-
-
-def resume_changes(
-    saved: dict, recipe: Recipe, step: int, loader: BatchLoader, total_steps: int
-) -> list[str]:
-    """One line per value that differs from the checkpoint's recipe and changes training
-    from step `step` + 1 on, and one for the lr that step gets where the schedule moved."""
-    current = recipe.model_dump(mode="json")
-    must_match = set(RESUME_MUST_MATCH)
-    notes = []
-    for key in RESUME_NOTED:
-        old, new = flat(dig(saved, key), key), flat(dig(current, key), key)
-        for name in sorted(set(old) | set(new)):
-            if any(name == m or name.startswith(m + ".") for m in must_match):
-                continue  # refused without --force, named by recipe_differences
-            if old.get(name) != new.get(name):
-                notes.append(
-                    f"{name}: {old.get(name)!r} -> {new.get(name)!r} from step {step + 1} "
-                    f"(steps 1-{step} ran with {old.get(name)!r})"
-                )
-    if notes:
-        try:
-            before = OptimizerConfig.model_validate(saved["optimizer"])
-        except ValueError:  # written by a version with other keys: the lines above say it
-            return notes
-        old_total = saved["training"].get("max_steps") or max(
-            1,
-            math.ceil(
-                saved["training"]["epochs"]
-                * loader.batches_per_epoch
-                / before.gradient_accumulation
-            ),
-        )
-        was, now = lr_at(step, old_total, before), lr_at(step, total_steps, recipe.optimizer)
-        if was != now:
-            notes.append(
-                f"the lr of step {step + 1} is {now:.3g} ({was:.3g} under the checkpoint's "
-                f"recipe): {recipe.optimizer.schedule} schedule over {total_steps} steps, "
-                f"was {old_total}"
-            )
-    return notes
-
-
-def dig(tree: dict, key: str) -> Any:
-    for part in key.split("."):
-        tree = (tree or {}).get(part)
-    return tree
-
-
-def flat(value: Any, prefix: str) -> dict[str, Any]:
-    """{"optimizer.clip.mode": "none", ...}: every leaf of a section under its key path."""
-    if not isinstance(value, dict):
-        return {prefix: value}
-    out: dict[str, Any] = {}
-    for k, v in value.items():
-        out.update(flat(v, f"{prefix}.{k}"))
-    return out
 
 
 def auto_batch_size(
@@ -694,38 +578,6 @@ def auto_batch_size(
         ) from None
 
 
-def method_warnings(recipe: Recipe, device: torch.device) -> list[str]:
-    """Settings that run, but probably not as the user hopes."""
-    opt = recipe.optimizer
-    defaults = methods.method(opt.name)
-    low, high = defaults.usual_lr
-    out = []
-    if not low <= opt.lr <= high:
-        out.append(
-            f"optimizer.lr {opt.lr:g} is outside the usual range for {opt.name} "
-            f"({low:g} to {high:g}; default {defaults.lr:g}, {defaults.lr_source})"
-        )
-    if (
-        defaults.plain_sgd_step
-        and recipe.model.precision == "bf16"
-        and not (opt.stochastic_rounding and defaults.fused)
-        and opt.lr < 1e-4
-    ):
-        out.append(
-            f"optimizer.lr {opt.lr:g} on bf16 weights without stochastic rounding: most "
-            "updates are smaller than bf16's spacing and are lost. Use "
-            "optimizer.stochastic_rounding: true (lomo), a larger lr, or model.precision: fp32"
-        )
-    if defaults.fused and device.type != "cpu":
-        why = kernels.why_not_compiled(device)  # FusedEngine.prepare_kernels's answer
-        if why:
-            out.append(
-                "the fused update runs as separate eager ops on this GPU (several passes "
-                f"over memory where one compiled kernel makes one): {why}"
-            )
-    return out
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -757,20 +609,6 @@ def write_recipe(
     )
     header += "".join(f"# {line}\n" for line in history)
     (output_dir / "recipe.yaml").write_text(header + recipe_to_yaml(recipe))
-
-
-RESUMED_AT = re.compile(r"^# (resumed at step (\d+): .*)$")
-
-
-def resume_history(output_dir: Path, step: int) -> list[str]:
-    """The "resumed at step N" lines of the run's recipe.yaml, those of steps up to
-    `step` (a resume from an older checkpoint drops the steps after it)."""
-    try:
-        lines = (output_dir / "recipe.yaml").read_text().splitlines()
-    except OSError:
-        return []
-    found = [RESUMED_AT.match(line) for line in lines]
-    return [m.group(1) for m in found if m and int(m.group(2)) <= step]
 
 
 # ---------------------------------------------------------------------------------------
@@ -849,14 +687,8 @@ def describe_run(run: Run) -> None:
         f"{len(run.data.train)} train / {len(run.data.eval)} eval examples; "
         f"{run.total_steps} steps on {run.device.type}"
     )
-    r = run.recipe
-    zeroth_order = methods.method(r.optimizer.name).engine == "zeroth-order"
-    if zeroth_order and r.model.precision != "fp32" and r.optimizer.lora is None:
-        run.dashboard.warn(
-            f"mezo perturbs the weights in place: in {r.model.precision} each step's +eps*z, -2eps*z, "
-            "+eps*z drifts them by about one unit in the last place, more than a typical update. "
-            "Use model.precision: fp32 for mezo"
-        )
+    if warning := mezo_precision_warning(run.recipe):
+        run.dashboard.warn(warning)
     if s.dropped:
         run.dashboard.warn(f"{s.dropped} examples dropped: their answer lay beyond data.max_length")
     if s.truncated:
@@ -1181,40 +1013,3 @@ def plot_quietly(run: Run) -> None:
         print(f"plot: {path}")
     except Exception as e:  # a missing matplotlib must not lose a finished run
         print(f"plot skipped: {e}")
-
-
-# ---------------------------------------------------------------------------------------
-# Signals
-
-
-class GracefulStop:
-    """First SIGINT/SIGTERM: finish the step, save, exit. Second: abort at once (the
-    last complete checkpoint is untouched: saves are atomic)."""
-
-    def __init__(self, quiet: bool = False):  # quiet: ranks other than 0 say nothing
-        self.quiet = quiet
-        self.requested = False
-        self.signal_number: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> GracefulStop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            # Not the main thread (a library caller's worker): leave signals alone.
-            with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt  # second signal: stop now
-        self.requested = True
-        self.signal_number = signum
-        if not self.quiet:
-            print(
-                f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (again to abort now)",
-                flush=True,
-            )

@@ -18,7 +18,7 @@ charge each method with its predecessors' high-water mark):
    `engine.step([batch], lr)`), or the reference `lomo_optim.Lomo`
    (`optimizer.fused_backward(loss, lr)`), or nothing for the `no_grad` forward;
 3. one batch of `--batch` x `--seq` uniformly random token ids (seeded), labels on all
-   tokens, no padding; the loss is `lomotune.models.causal_lm_loss` (chunked, fp32
+   tokens, no padding; the loss is `lomotune.loss.causal_lm_loss` (chunked, fp32
    logits per chunk of `model.loss_chunk_tokens`, the recipe default unless --loss-chunk);
 4. `--warmup` steps (optimizer state is allocated lazily at the first step), then
    `--steps` measured steps: median step time, tokens/s = tokens / median step time,
@@ -144,7 +144,8 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from lomotune.allocator import return_freed_memory
-    from lomotune.models import causal_lm_loss, count_parameters, load_model
+    from lomotune.loss import causal_lm_loss
+    from lomotune.models import count_parameters, load_model
     from lomotune.monitor import MemoryMeter
     from lomotune.recipe import LoraConfig, ModelConfig
 
@@ -299,7 +300,8 @@ def speed_interleaved(methods: list[str], precision: str, args: argparse.Namespa
     import torch
 
     from lomotune.allocator import return_freed_memory
-    from lomotune.models import causal_lm_loss, load_model
+    from lomotune.loss import causal_lm_loss
+    from lomotune.models import load_model
     from lomotune.optim import build_engine
     from lomotune.recipe import ModelConfig
 

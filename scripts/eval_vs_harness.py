@@ -32,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from lomotune.builtin_models import resolve_model
 from lomotune.evaluate.reading import read_split
 from lomotune.evaluate.superglue import TASKS
-from lomotune.models import resolve_model
 
 HARNESS_TASK_NAME = {"rte": "sglue_rte"}  # the harness's names where they differ
 

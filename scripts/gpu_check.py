@@ -110,7 +110,7 @@ def peak_bytes(device: torch.device) -> int | None:
 def run_method(config, method: str, batch: int, seq: int, device, steps: int) -> dict:
     """One method on a fresh model: warm-up step, `steps` timed steps, the peak of one
     more, and the update's share in a last step with a sync around each update."""
-    from lomotune.models import causal_lm_loss
+    from lomotune.loss import causal_lm_loss
     from lomotune.optim import build_engine
     from lomotune.recipe import ModelConfig
 
@@ -206,7 +206,7 @@ def estimates(config, method: str, batch: int, seq: int, simulate: bool) -> dict
 
 def kernel_probe(config, device: torch.device) -> list[dict]:
     """`prepare_kernels` of lomo and adalomo on a bf16 model: its answer, its time."""
-    from lomotune.models import causal_lm_loss
+    from lomotune.loss import causal_lm_loss
     from lomotune.optim import build_engine, kernels
     from lomotune.recipe import ModelConfig
 

@@ -10,7 +10,7 @@ import lomo_optim
 import pytest
 import torch
 
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.optim.adalomo import AdaLomoRule
 from lomotune.optim.engine import FusedEngine
 from lomotune.optim.slices import SlicedUpdate

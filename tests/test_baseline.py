@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.optim.baseline import OptimizerEngine, build_optimizer
 from lomotune.recipe import ClipConfig, OptimizerConfig
 from lomotune.testing import tiny_llama

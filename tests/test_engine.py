@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.optim.engine import DynamicLossScale, FusedEngine
 from lomotune.optim.lomo import LomoRule
 from lomotune.optim.rounding import stochastic_round_to_bf16

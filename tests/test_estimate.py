@@ -197,7 +197,7 @@ def test_simulation_agrees_with_a_real_step_within_5_percent(method):
     # The same step on real tensors, counted by the same MemTracker: one padded position
     # (so transformers builds the padding mask, as the simulation's batch does).
     from lomotune.estimate.simulate import _build_engine, step_tracker
-    from lomotune.models import causal_lm_loss
+    from lomotune.loss import causal_lm_loss
     from lomotune.precision import under_autocast
 
     config = small_configs()["tied"]

@@ -513,8 +513,8 @@ def test_a_bad_chat_template_is_one_line_exit_2(tmp_path, base_model, value, fra
 
 @pytest.mark.parametrize("command", ["recipes", "models"])
 def test_lists_print_whole_names_when_piped_at_80_columns(command):
+    from lomotune.builtin_models import BUILTIN_MODELS, TINY_ALIAS
     from lomotune.cli import SHIPPED_RECIPES
-    from lomotune.models import BUILTIN_MODELS, TINY_ALIAS
 
     result = runner.invoke(app, [command], env={"COLUMNS": "80"})  # not a terminal: a pipe
     assert result.exit_code == 0, result.output

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.optim import build_engine
 from lomotune.recipe import Recipe
 from lomotune.testing import random_batches, tiny_llama
@@ -108,7 +108,7 @@ def _meta_step(method: str, precision: str, clip: str, monkeypatch) -> list[str]
 # the engine counts the step's tokens and reads the loss.
 FORWARD = [
     "masking_utils.py:_ignore_causal_mask_sdpa",
-    "models.py:causal_lm_loss",
+    "loss.py:causal_lm_loss",
     "engine.py:count_tokens",
     "engine.py:step",
 ]
@@ -143,7 +143,7 @@ def test_a_fused_step_on_the_gpu_stand_in(method, precision, clip, monkeypatch):
 BASELINE = [
     "baseline.py:<genexpr>",
     "masking_utils.py:_ignore_causal_mask_sdpa",
-    "models.py:causal_lm_loss",
+    "loss.py:causal_lm_loss",
     "baseline.py:step",
     "engine.py:count_tokens",
     "baseline.py:_non_finite_gradients",

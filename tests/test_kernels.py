@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.optim import kernels
 from lomotune.optim.adalomo import AdaLomoRule
 from lomotune.optim.engine import FusedEngine

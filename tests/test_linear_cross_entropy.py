@@ -13,7 +13,7 @@ from lomotune.linear_cross_entropy import (
     linear_cross_entropy,
     tied_embedding,
 )
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.testing import random_batches, tiny_model
 
 MiB = 2**20

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lomotune.models import causal_lm_loss, loss_note, loss_path
+from lomotune.loss import causal_lm_loss, loss_note, loss_path
 from lomotune.optim.engine import FusedEngine
 from lomotune.optim.lomo import LomoRule
 from lomotune.recipe import ClipConfig

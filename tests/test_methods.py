@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lomotune import methods
 from lomotune.cli import app
 from lomotune.estimate import Setup, estimate, resolve_config, shape_of
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.optim import build_engine
 from lomotune.recipe import MethodName, OptimizerConfig, Recipe, RecipeError, load_recipe
 from lomotune.testing import tiny_llama

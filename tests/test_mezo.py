@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.optim.mezo import MezoEngine
 from lomotune.optim.seeds import mix64
 from lomotune.testing import random_batches, tiny_llama

@@ -5,7 +5,7 @@ name; what a fused step can and cannot undo is exactly what the docs say."""
 import pytest
 import torch
 
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.optim.adalomo import AdaLomoRule
 from lomotune.optim.baseline import OptimizerEngine
 from lomotune.optim.engine import DynamicLossScale, FusedEngine

@@ -14,7 +14,8 @@ from lomotune.lora import (
     keep_4bit_layers_trainable,
     tensor_bytes,
 )
-from lomotune.models import causal_lm_loss, count_parameters, load_model
+from lomotune.loss import causal_lm_loss
+from lomotune.models import count_parameters, load_model
 from lomotune.optim.engine import FusedEngine
 from lomotune.optim.lomo import LomoRule
 from lomotune.recipe import ClipConfig, LoraConfig, ModelConfig

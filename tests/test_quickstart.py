@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from lomotune.cli import app
-from lomotune.models import causal_lm_loss, load_model
+from lomotune.loss import causal_lm_loss
+from lomotune.models import load_model
 from lomotune.optim.engine import FusedEngine
 from lomotune.optim.lomo import LomoRule
 from lomotune.recipe import ClipConfig, ModelConfig

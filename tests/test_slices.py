@@ -4,7 +4,7 @@ as one whole-tensor slice, and temporaries bounded by the budget whatever the te
 import pytest
 import torch
 
-from lomotune.models import causal_lm_loss
+from lomotune.loss import causal_lm_loss
 from lomotune.optim.adalomo import AdaLomoRule
 from lomotune.optim.engine import FusedEngine
 from lomotune.optim.lomo import LomoRule

@@ -178,7 +178,7 @@ def test_mezo_on_lora_adapters_only(tmp_path):
 
 
 def test_a_fused_method_on_a_gpu_without_its_kernel_says_why(monkeypatch):
-    import lomotune.train as train_module
+    import lomotune.advice as advice
     from lomotune.optim import kernels
     from lomotune.recipe import ModelConfig, OptimizerConfig, Recipe, TrainingConfig
 
@@ -191,11 +191,11 @@ def test_a_fused_method_on_a_gpu_without_its_kernel_says_why(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     monkeypatch.setattr(kernels, "_why_not", {})
     assert "pip install triton" in kernels.prepare(gpu, {})  # FusedEngine.prepare_kernels
-    (warning,) = train_module.method_warnings(recipe, gpu)
+    (warning,) = advice.method_warnings(recipe, gpu)
     assert "eager ops" in warning and "pip install triton" in warning
-    assert train_module.method_warnings(recipe, torch.device("cpu")) == []
+    assert advice.method_warnings(recipe, torch.device("cpu")) == []
     monkeypatch.setattr(kernels, "why_not_compiled", lambda device: None)
-    assert train_module.method_warnings(recipe, gpu) == []
+    assert advice.method_warnings(recipe, gpu) == []
 
 
 def test_tiny_model_for_qlora_sgd_moves_to_the_device():

@@ -428,7 +428,7 @@ def resolve_config(name: str):
     """A model name -> a transformers PretrainedConfig; EstimateError when unknown."""
     from transformers import AutoConfig
 
-    from lomotune.models import BUILTIN_MODELS, TINY_ALIAS, builtin_path, is_cached
+    from lomotune.builtin_models import BUILTIN_MODELS, TINY_ALIAS, builtin_path, is_cached
 
     if name == TINY_ALIAS:
         from lomotune.testing import tiny_llama

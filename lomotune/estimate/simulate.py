@@ -131,7 +131,8 @@ def simulate_step(
     at the first step) of `method` on the model of `config`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lomotune.models import DTYPES, causal_lm_loss
+    from lomotune.loss import causal_lm_loss
+    from lomotune.models import DTYPES
     from lomotune.precision import under_autocast
     from lomotune.recipe import ModelConfig
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from lomotune.builtin_models import ModelError
 from lomotune.export import adapter_base_model, run_recipe
-from lomotune.models import LoadedModel, ModelError, load_model
+from lomotune.models import LoadedModel, load_model
 from lomotune.recipe import ModelConfig
 
 EVAL_PRECISIONS = ("auto", "fp32", "bf16")  # fp16 needs care a forward pass need not take
