@@ -56,7 +56,7 @@ from lomotune.models import (
     load_model,
     loss_note,
 )
-from lomotune.monitor import MemoryMeter, Throughput, format_bytes
+from lomotune.monitor import MemoryMeter, Throughput, format_bytes, mfu, peak_flops_for
 from lomotune.optim import build_engine, kernels
 from lomotune.optim.engine import Engine, FusedEngine
 from lomotune.optim.schedule import lr_at
@@ -891,6 +891,11 @@ def log_step(run: Run, result, lr: float, seconds: float) -> None:
         metrics["grad_norm"] = result.grad_norm
     if result.loss_scale is not None:
         metrics["loss_scale"] = result.loss_scale
+    # On a GPU of known peak: 6 x all parameters (frozen ones too) x tokens/s per device.
+    peak = peak_flops_for(run.device)
+    if peak is not None and metrics["tokens_per_s"] is not None:
+        per_device = metrics["tokens_per_s"] / run.world.size
+        metrics["mfu"] = mfu(per_device, count_parameters(run.loaded.model)[0], peak)
     run.log.log_dict(step, metrics)
 
 
