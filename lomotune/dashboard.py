@@ -5,7 +5,7 @@ warnings) when stdout is a terminal, and one plain line per logged step otherwis
 logs, `| tee`, files). Built with `enabled=False` (every rank but 0) it does nothing.
 
 `MetricsLog` appends one JSON object per line to `metrics.jsonl`; `read_metrics` reads it
-back, tolerating a last line cut short by a crash; `truncate_after` rewinds it to a
+back, tolerating a last line cut short by a crash; `truncate_metrics` rewinds it to a
 checkpoint's step on resume.
 """
 
@@ -399,6 +399,8 @@ class Dashboard:
             parts.append(mem + (f" ({', '.join(extra)})" if extra else ""))
         if m.get("step_time") is not None:
             parts.append(f"{float(m['step_time']):.2f} s/step")
+        if m.get("mfu") is not None:
+            parts.append(f"MFU {_format_value('mfu', float(m['mfu']))}")
         if m.get("grad_norm") is not None:
             parts.append(f"grad norm {float(m['grad_norm']):.3g}")
         if m.get("loss_scale") is not None:
@@ -442,7 +444,7 @@ class Dashboard:
             )
         else:
             rows.append(("peak memory" + kind, _format_value("mem_peak", m.get("mem_peak"))))
-        for key in ("grad_norm", "loss_scale", "skipped_steps"):
+        for key in ("mfu", "grad_norm", "loss_scale", "skipped_steps"):
             if m.get(key) is not None:
                 rows.append((_label(key), _format_value(key, m[key])))
         if self.eval_step is not None:
@@ -531,18 +533,6 @@ class MetricsLog:
 
     def log_summary(self, step: int | None, summary: dict[str, Any]) -> None:
         self.summary(step, summary)
-
-    def truncate_after(self, step: int) -> int:
-        """Keep only the records of steps <= `step` (on resume from that checkpoint);
-        summaries of the earlier run are dropped. Returns how many records were kept."""
-        if self._file is None:
-            return 0
-        self._file.close()
-        try:
-            kept = truncate_metrics(self.path, step)
-        finally:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        return kept
 
     def close(self) -> None:
         if self._file is not None:

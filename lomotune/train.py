@@ -54,7 +54,7 @@ from lomotune.evaluate.exact_match import ExactMatch, exact_match
 from lomotune.loggers import Loggers, open_loggers
 from lomotune.loss import causal_lm_loss, loss_note
 from lomotune.models import LoadedModel, count_parameters, load_model
-from lomotune.monitor import MemoryMeter, Throughput, format_bytes
+from lomotune.monitor import MemoryMeter, Throughput, format_bytes, mfu, peak_flops_for
 from lomotune.optim import build_engine
 from lomotune.optim.engine import Engine, FusedEngine
 from lomotune.optim.schedule import lr_at
@@ -722,6 +722,11 @@ def log_step(run: Run, result, lr: float, seconds: float) -> None:
         metrics["grad_norm"] = result.grad_norm
     if result.loss_scale is not None:
         metrics["loss_scale"] = result.loss_scale
+    # On a GPU of known peak: 6 x all parameters (frozen ones too) x tokens/s per device.
+    peak = peak_flops_for(run.device)
+    if peak is not None and metrics["tokens_per_s"] is not None:
+        per_device = metrics["tokens_per_s"] / run.world.size
+        metrics["mfu"] = mfu(per_device, count_parameters(run.loaded.model)[0], peak)
     run.log.log_dict(step, metrics)
 
 

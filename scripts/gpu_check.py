@@ -12,12 +12,13 @@ weights (the numbers below do not depend on the weights' values). Each part:
 2. the update kernels: `FusedEngine.prepare_kernels` for lomo and adalomo in bf16
    (every kernel the run calls, built and checked against the eager bits): the answer
    and its compile time;
-3. a ~1B Llama (`bench.llama_1b_config`), bf16, batch 4 x 1024, activation
+3. a ~1B Llama (`bench_gpu_memory.llama_1b_config`), bf16, batch 4 x 1024, activation
    checkpointing, each method: `max_memory_allocated` of a step beside `lomotune
    estimate` (analytic and --simulate, tensor bytes: what the allocator counts) and
-   beside the no-grad forward; tokens/s and MFU (6 x params x tokens / time over the
-   device's dense bf16 peak); the update's share of a step (the fused hooks' updates or
-   optimizer.step, timed in one extra step with a sync around each);
+   beside the no-grad forward; tokens/s and MFU (`lomotune.monitor.mfu`, as a training
+   run's dashboard shows it: 6 x params x tokens / time over the device's dense bf16
+   peak); the update's share of a step (the engine's `update_seconds`: the fused hooks'
+   updates or optimizer.step, timed in one extra step with a sync around each);
 4. lomo vs adamw at one memory budget (`--budget-gib`), each at the largest batch whose
    measured peak fits it: tokens/s;
 5. Llama-3-8B's shape at torchtune's single-GPU setting (batch 2 x 2048, bf16,
@@ -44,13 +45,14 @@ from pathlib import Path
 
 import torch
 
+from lomotune.monitor import mfu, peak_flops_for
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py: its recipe, batch, clock and 1B shape)
+import bench_common  # noqa: E402  (the benchmarks' recipe, batch and commit)
+from bench_gpu_memory import llama_1b_config  # noqa: E402
 
 GiB = 1024**3
 METHODS = ["no_grad", "lomo", "adalomo", "mezo", "sgd", "adamw"]
-# Dense bf16 tensor-core peak, FLOP/s (NVIDIA's data sheets, SXM parts, no sparsity).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "RTX 4090": 165e12}
 TORCHTUNE_8B = {"peak_gib": 18.9, "tokens_per_s": 1650, "device": "RTX 4090"}
 
 
@@ -62,7 +64,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": bench.library_version(),
+        "commit": bench_common.library_version(),
     }
     try:
         import triton
@@ -119,8 +121,9 @@ def run_method(config, method: str, batch: int, seq: int, device, steps: int) ->
     model = engine = None
     try:
         model = build_model(config, device)
-        data = {k: v.to(device) for k, v in bench.random_batch(args, config.vocab_size).items()}
-        clock = bench.UpdateClock()
+        data = {
+            k: v.to(device) for k, v in bench_common.random_batch(args, config.vocab_size).items()
+        }
         if method == "no_grad":
 
             def step() -> None:
@@ -129,7 +132,7 @@ def run_method(config, method: str, batch: int, seq: int, device, steps: int) ->
 
         else:
             cfg = ModelConfig(name="random", precision="bf16", activation_checkpointing=True)
-            recipe = bench.bench_recipe(cfg, method, args)
+            recipe = bench_common.bench_recipe(cfg, method, args)
             engine = build_engine(recipe, model, lambda b: causal_lm_loss(model, b, 1024))
             if hasattr(engine, "prepare_kernels"):
                 engine.prepare_kernels()
@@ -153,24 +156,13 @@ def run_method(config, method: str, batch: int, seq: int, device, steps: int) ->
         median = statistics.median(times)
         row["step_s"] = median
         row["tokens_per_s"] = batch * seq / median
-        target = getattr(engine, "optimizer", None)
-        name = "step" if target is not None else "_update"
-        target = target if target is not None else engine
-        if target is not None and hasattr(target, name):
-            real = getattr(target, name)
-
-            def synced(*a, **k):
-                sync(device)
-                out = real(*a, **k)
-                sync(device)
-                return out
-
-            setattr(target, name, clock.timed(synced))
+        if engine is not None:  # the update's share, each update between two syncs
+            engine.update_seconds = 0.0
             t = time.perf_counter()
             step()
             sync(device)
-            row["update_share"] = clock.seconds / (time.perf_counter() - t) if clock.used else None
-            setattr(target, name, real)
+            row["update_share"] = engine.update_seconds / (time.perf_counter() - t)
+            engine.update_seconds = None
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     except Exception as e:  # a row with the error; the run goes on
@@ -216,7 +208,7 @@ def kernel_probe(config, device: torch.device) -> list[dict]:
         model = build_model(config, device, checkpointing=False)
         cfg = ModelConfig(name="random", precision="bf16")
         engine = build_engine(
-            bench.bench_recipe(cfg, method, args),
+            bench_common.bench_recipe(cfg, method, args),
             model,
             lambda b, model=model: causal_lm_loss(model, b),
         )
@@ -340,7 +332,7 @@ def main() -> int:
         batch, seq, budget_limit, big_batch, big_seq = 2, 32, 4, 2, 64
         budget = 0 if args.cpu else int(args.budget_gib * GiB)
     else:
-        one_b, eight_b = bench.llama_1b_config(), resolve_config("llama-3-8b")
+        one_b, eight_b = llama_1b_config(), resolve_config("llama-3-8b")
         batch, seq, budget_limit, big_batch, big_seq = 4, 1024, 64, 2, 2048
         budget = int(args.budget_gib * GiB)
     eight_b.use_cache = False
@@ -348,13 +340,13 @@ def main() -> int:
     report: dict = {"environment": env, "kernels": kernel_probe(one_b, device)}
 
     params = shape_of(one_b).params()
-    peak_flops = next((v for k, v in PEAK_BF16.items() if k in env["device"]), None)
+    peak_flops = peak_flops_for(device)
     rows = []
     for method in METHODS:
         row = run_method(one_b, method, batch, seq, device, args.steps)
         row.update(estimates(one_b, method, batch, seq, simulate=not args.no_simulate))
         if peak_flops and "error" not in row and method != "no_grad":
-            row["mfu"] = 6 * params * row["tokens_per_s"] / peak_flops
+            row["mfu"] = mfu(row["tokens_per_s"], params, peak_flops)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
     report["model_1b"] = {

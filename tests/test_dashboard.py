@@ -16,6 +16,7 @@ from lomotune.dashboard import (
     format_duration,
     read_metrics,
     sparkline,
+    truncate_metrics,
 )
 from lomotune.plot import PlotError, plot_run
 
@@ -64,6 +65,17 @@ def test_several_processes_show_per_process_tokens_and_the_spread_of_peaks():
         table = dict(dash._numbers_table().rows)
     assert table["tokens/s per process"] == "617"
     assert table["peak memory spread over processes"] == "256.00 MiB"
+
+
+def test_mfu_shown_when_measured():
+    console, buf = _plain_console()
+    with Dashboard(total_steps=200, title="t", console=console) as dash:
+        dash.update_step(12, {**STEP, "mfu": 0.4123})
+    assert "| 0.85 s/step | MFU 41.2% | eta" in buf.getvalue()
+    live = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with Dashboard(total_steps=20, title="t", console=live) as dash:
+        dash.update_step(1, {**STEP, "mfu": 0.4123})
+        assert dict(dash._numbers_table().rows)["MFU"] == "41.2%"
 
 
 def test_plain_optional_fields_eval_warn_note_summary():
@@ -179,7 +191,6 @@ def test_disabled_metrics_log_writes_nothing(tmp_path):
     path = tmp_path / "sub" / "metrics.jsonl"
     with MetricsLog(path, enabled=False) as log:
         log.train(1, {"loss": 1.0})
-        assert log.truncate_after(0) == 0
     assert not path.parent.exists()
 
 
@@ -192,11 +203,11 @@ def test_bad_line_in_the_middle_is_an_error(tmp_path):
         read_metrics(tmp_path / "absent.jsonl")
 
 
-def test_truncate_after(tmp_path):
+def test_truncate_metrics(tmp_path):
     path = tmp_path / "metrics.jsonl"
     _write_run(path, steps=10)
+    assert truncate_metrics(path, 5) == 6  # steps 1-5 and the eval at 5; no summary
     with MetricsLog(path) as log:
-        assert log.truncate_after(5) == 6  # steps 1-5 and the eval at 5; no summary
         log.train(6, {"loss": 0.1})
     records = read_metrics(path)
     assert [(r["kind"], r["step"]) for r in records] == [

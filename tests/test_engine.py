@@ -314,3 +314,29 @@ def test_fp16_with_exact_clipping_matches_fp32_on_the_unscaled_clipped_gradient(
     ):
         step = (q - s).abs().max()
         assert (p.float() - q).abs().max() <= 0.05 * step + 2e-3, name
+
+
+def test_update_seconds_times_the_updates_only_when_asked():
+    from lomotune.optim.baseline import OptimizerEngine
+    from lomotune.optim.mezo import MezoEngine
+
+    model = tiny_llama()
+    batch = make_batches(1)[0]
+
+    def loss(b):
+        return causal_lm_loss(model, b, 7)
+
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    for build in (
+        lambda: FusedEngine(model, LomoRule(0.0), loss, clip=ClipConfig()),
+        lambda: MezoEngine(model, loss),
+        lambda: OptimizerEngine(model, sgd, loss, clip=ClipConfig()),
+    ):
+        engine = build()
+        assert engine.update_seconds is None
+        engine.step([batch], 1e-3)
+        assert engine.update_seconds is None  # nothing timed unless asked
+        engine.update_seconds = 0.0
+        engine.step([batch], 1e-3)
+        assert engine.update_seconds > 0
+        engine.close()

@@ -49,9 +49,25 @@ def test_cli_trains_tiny_model_end_to_end(tmp_path):
     assert summary["steps"] == 30
     assert summary["tokens_per_s"] == pytest.approx(tokens / sum(r["step_time"] for r in records))
     assert summary["peak_memory"] == max(r["mem_peak"] for r in records)
+    assert not any("mfu" in r for r in records)  # no peak FLOP/s known for a CPU: no MFU
     assert summary["final_loss"] == pytest.approx(bias_corrected_ema(losses))
     assert (out / "training.png").stat().st_size > 1000
     assert "step 30/30" in result.output and "summary" in result.output
+
+
+def test_mfu_is_logged_on_a_device_of_known_peak(tmp_path, monkeypatch):
+    peak = 2e9  # FLOP/s of a pretend device
+    monkeypatch.setattr("lomotune.train.peak_flops_for", lambda device: peak)
+    out = tmp_path / "run"
+    result = train(out, "training.max_steps=3")
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    n = sum(p.numel() for p in model.parameters())  # every parameter, tied ones once
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(records) == 3
+    for r in records:
+        assert r["mfu"] == pytest.approx(6 * n * r["tokens_per_s"] / peak)
+    assert "MFU " in result.output
 
 
 def bias_corrected_ema(values, beta=0.9):

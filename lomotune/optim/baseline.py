@@ -16,7 +16,7 @@ from lomotune.distributed.rows import (
     sum_replicated_gradient,
     whole,
 )
-from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
+from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens, timed_update
 from lomotune.recipe import ClipConfig, OptimizerConfig
 
 
@@ -91,6 +91,7 @@ class OptimizerEngine:
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step_count = 0
+        self.update_seconds: float | None = None  # see engine.Engine
 
     def step(self, batches: list[Batch], lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
@@ -129,7 +130,7 @@ class OptimizerEngine:
             for p in self.params:
                 if p.grad is not None:
                     torch.nn.utils.clip_grad_norm_([p], self.clip.max_norm)
-        self.optimizer.step()
+        timed_update(self, self.params[0].device, self.optimizer.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return result

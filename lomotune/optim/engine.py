@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -92,6 +93,10 @@ class Engine(Protocol):
     resumes exactly."""
 
     loss_fn: LossFn
+    # Wall seconds spent in the updates (the fused hooks' updates, MeZO's update,
+    # optimizer.step) since a caller last set it; None, the default, times nothing. A
+    # benchmark sets 0.0 and reads it after its steps (see `timed_update`).
+    update_seconds: float | None
 
     def step(self, batches: list[Batch], lr: float) -> StepResult: ...
 
@@ -133,6 +138,22 @@ class DynamicLossScale:
         self.clean_steps = int(state["clean_steps"])
 
 
+def timed_update(engine: Engine, device: torch.device, update: Callable, *args) -> None:
+    """`update(*args)`; while `engine.update_seconds` is not None its wall time is added
+    there, `device` synchronized before and after (a GPU runs kernels asynchronously: else
+    the time would be their launch, not their run)."""
+    if engine.update_seconds is None:
+        update(*args)
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    update(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    engine.update_seconds += time.perf_counter() - started
+
+
 def count_tokens(batch: Batch) -> int:
     """Tokens that are not padding (the loader counts them; packed batches have no mask)."""
     if "num_tokens" in batch:
@@ -168,6 +189,7 @@ class FusedEngine:
         self.slice_bytes = slice_bytes or slice_bytes_for(device.type if device else "cuda")
         self.step_count = 0  # updates applied so far
         self.previous_norm: float | None = None
+        self.update_seconds: float | None = None  # see Engine
         # Trainable parameters, each once (tied weights appear once in named_parameters).
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -351,7 +373,7 @@ class FusedEngine:
                     (index, sum_of_squares(local_shard(grad)[0], self.slice_bytes))
                 )
             elif self._mode == "update":
-                self._update(index, param, grad)
+                timed_update(self, param.device, self._update, index, param, grad)
 
         return hook
 

@@ -51,7 +51,7 @@ import math
 
 import torch
 
-from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens
+from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens, timed_update
 from lomotune.optim.rounding import as_int64, hash64_at
 from lomotune.optim.seeds import mix64
 
@@ -93,6 +93,7 @@ class MezoEngine:
         self.weight_decay = weight_decay
         self.seed = seed
         self.step_count = 0  # steps taken, skipped ones included: no seed is used twice
+        self.update_seconds: float | None = None  # see engine.Engine
         # Trainable parameters, each once (tied weights appear once in named_parameters).
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -126,7 +127,7 @@ class MezoEngine:
             result.skipped = "non-finite loss"
             return result
         projected = [(lp - lm) / (2 * self.eps) for lp, lm in zip(plus, minus, strict=True)]
-        self._update(seeds, projected, lr)
+        timed_update(self, self.params[0].device, self._update, seeds, projected, lr)
         return result
 
     def _evaluate(
