@@ -80,7 +80,7 @@ METHODS = {
         "QLoRA base (arXiv 2305.14314): NF4 weights frozen, LoRA adapters (r 64, all "
         "linear layers) trained by fused SGD",
         "auto",
-        {"lr": 1.0e-1, "schedule": "linear", "warmup_steps": 10, "lora": {"r": 64, "alpha": 16}},
+        {"lr": 3.0e-1, "schedule": "linear", "warmup_steps": 10, "lora": {"r": 64, "alpha": 16}},
     ),  # fmt: skip
     "adamw": MethodSetup(
         "AdamW as the HF Trainer runs it: fp32 master weights, bf16 autocast where the "
