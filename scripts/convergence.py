@@ -51,6 +51,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import library_version  # scripts/ is on sys.path when run as a script
+
 from lomotune import methods
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,18 +69,6 @@ QUICKSTART_LR = {
     "adam-mini": 3e-5,
 }
 DEFAULT_PRECISION = {"mezo": "fp32"}  # everything else: the quickstart's bf16
-
-
-def library_version() -> str:
-    """The commit the library was measured at, '+dirty' when lomotune/ has local changes."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a: str) -> str:
-        done = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "lomotune") else "")
 
 
 def parse_map(text: str | None) -> dict[str, str]:
