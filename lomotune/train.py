@@ -102,6 +102,9 @@ class Run:
     estimate: Estimate | None = None
     estimate_note: str | None = None
     model_config: Any = None  # the transformers config the estimate reads
+    # MFU's fixed parts, found once: (all parameters, the device's peak FLOP/s); None off
+    # a GPU of known peak, where no MFU is logged.
+    mfu_basis: tuple[int, float] | None = None
 
 
 def train(
@@ -495,6 +498,8 @@ def setup(
         title += f" · {world.size} processes"
     log_every = recipe.training.log_every
     dashboard = Dashboard(total_steps, title, live=live, enabled=world.is_main, log_every=log_every)
+    peak = peak_flops_for(device)
+    mfu_basis = (count_parameters(loaded.model)[0], peak) if peak is not None else None
     return Run(
         recipe=recipe,
         output_dir=output_dir,
@@ -518,6 +523,7 @@ def setup(
         resumed_from=checkpoint,
         saved=(state.step, checkpoint) if checkpoint is not None else None,
         notes=notes,
+        mfu_basis=mfu_basis,
         warnings=warnings,
         estimate=predicted,
         estimate_note=predicted_note,
@@ -723,10 +729,9 @@ def log_step(run: Run, result, lr: float, seconds: float) -> None:
     if result.loss_scale is not None:
         metrics["loss_scale"] = result.loss_scale
     # On a GPU of known peak: 6 x all parameters (frozen ones too) x tokens/s per device.
-    peak = peak_flops_for(run.device)
-    if peak is not None and metrics["tokens_per_s"] is not None:
+    if run.mfu_basis is not None and metrics["tokens_per_s"] is not None:
         per_device = metrics["tokens_per_s"] / run.world.size
-        metrics["mfu"] = mfu(per_device, count_parameters(run.loaded.model)[0], peak)
+        metrics["mfu"] = mfu(per_device, *run.mfu_basis)
     run.log.log_dict(step, metrics)
 
 
