@@ -57,6 +57,7 @@ from lomotune.models import LoadedModel, count_parameters, load_model
 from lomotune.monitor import MemoryMeter, Throughput, format_bytes, mfu, peak_flops_for
 from lomotune.optim import build_engine
 from lomotune.optim.engine import Engine, FusedEngine
+from lomotune.optim.mezo import MezoEngine
 from lomotune.optim.schedule import lr_at
 from lomotune.precision import resolve_precision
 from lomotune.recipe import LoraConfig, Recipe, RecipeError, recipe_to_yaml
@@ -443,6 +444,15 @@ def setup(
     engine = build_engine(recipe, model, loss_fn)
     if isinstance(engine, FusedEngine):
         engine.prepare_kernels()  # on a GPU: built and checked now, not inside backward
+    elif isinstance(engine, MezoEngine):
+        why = engine.prepare_kernels()  # z's kernel, on a CPU too
+        # The kernel and the eager ops agree to fp32 rounding only: replicas take one path.
+        if any_rank(world, why is not None):
+            why = why or "another process of the run could not build it"
+            engine.why_eager_z = why
+            notes.append(
+                f"mezo draws z with eager ops, several times slower than one kernel: {why}"
+            )
     state = TrainingState(
         step=0,
         epoch=0,

@@ -8,6 +8,7 @@ skipping, resume and peak memory."""
 
 import copy
 import math
+import shutil
 
 import pytest
 import torch
@@ -435,3 +436,50 @@ def test_z_is_a_counter_stream_the_same_on_every_device_and_however_chunked(monk
     assert torch.equal(engine._z(p, 11, 4), z)
     half = engine._z(p.to(torch.bfloat16), 11, 4)
     assert torch.equal(half, z.to(torch.bfloat16))  # drawn in fp32, then cast
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs g++")
+def test_the_compiled_z_is_the_stream_and_the_steps_draw_with_it(monkeypatch):
+    """prepare_kernels builds z's kernel on the CPU (inductor's C++ backend): its values
+    are the plain-Python reference's to fp32 rounding and the eager draw's to the last
+    place (their log and cos round differently), in fp32 and bf16, and every draw of a
+    step then goes through it."""
+    from lomotune.optim import kernels, mezo
+
+    monkeypatch.undo()  # the engine's own draws
+    engine = make_engine(tiny_llama())
+    assert engine.why_eager_z is not None  # never prepared: eager
+    assert engine.prepare_kernels() is None
+    key = mix64(11, 4)
+    z = engine._z(torch.empty(3000), 11, 4)
+    for k in [0, 1, 2, 999, 2047, 2999]:
+        assert float(z[k]) == pytest.approx(reference_z(key, k), abs=2e-5), k
+    eager = mezo.standard_normal(key, (3000,), torch.float32, torch.device("cpu"))
+    assert (z - eager).abs().max() <= 4e-6
+    half = engine._z(torch.empty(3000, dtype=torch.bfloat16), 11, 4)
+    assert (half.float() - eager).abs().max() <= 0.02  # one bf16 spacing at |z| < 4
+    calls = []
+    kernel = kernels.compiled(mezo.normal_into)
+    monkeypatch.setattr(kernels, "compiled", lambda fn: lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(mezo, "standard_normal", lambda *a: pytest.fail("eager z drawn"))
+    engine.step(make_batches(1), LR)
+    assert len(calls) == 3 * len(engine.params)
+
+
+def test_a_z_kernel_that_cannot_be_built_leaves_the_eager_draw_and_says_why(monkeypatch):
+    from lomotune.optim import kernels
+
+    monkeypatch.undo()
+
+    def no_compiler(fn):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+    monkeypatch.setattr(kernels, "compiled", no_compiler)
+    engine = make_engine(tiny_llama())
+    assert engine.prepare_kernels() == (
+        "torch.compile could not build the z kernel "
+        "(InvalidCxxCompiler: No working C++ compiler found)"
+    )
+    before = [p.clone() for p in engine.params]
+    engine.step(make_batches(1), LR)  # eager z, no error
+    assert any(not torch.equal(a, b) for a, b in zip(before, engine.params, strict=True))

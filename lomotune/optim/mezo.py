@@ -19,11 +19,13 @@ again from the seed whenever it is needed, one parameter at a time, from a count
 stream keyed by (step seed, parameter index): element k is Box-Muller on the 64-bit
 splitmix64 hash of k (the hash of the rounding noise, rounding.hash64_at). The integer
 part is exact on every device, and the float part is one sqrt, log and cos per element
-in fp32, so replicas draw the same z on any GPU model, where `torch.randn`'s values
-depend on the device's launch configuration (and differ between CPU and GPU). So the
-memory is that of inference plus one parameter-sized temporary (z; the hash runs over
-chunks of Z_CHUNK elements), never at the same time as the activations, and
-everything runs under `torch.no_grad` (no graph, no `.grad`).
+in fp32, so z is the same stream to fp32 rounding on every device, where `torch.randn`'s
+values depend on the device's launch configuration (and differ between CPU and GPU).
+Where torch.compile builds it (prepare_kernels; a CPU too), one kernel draws a
+parameter's z; elsewhere the eager ops do, a chunk of Z_CHUNK elements at a time. So the
+memory is that of inference plus one parameter-sized temporary (z, and the eager hash's
+scratch), never at the same time as the activations, and everything runs under
+`torch.no_grad` (no graph, no `.grad`).
 
 Options:
 - n-SPSA (`directions` = n): n seeds per step, each with its own l+, l- at the same
@@ -48,9 +50,11 @@ lr * g * z, so MeZO wants fp32 weights.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
+from lomotune.optim import kernels
 from lomotune.optim.engine import Batch, LossFn, StepResult, count_tokens, timed_update
 from lomotune.optim.rounding import as_int64, hash64_at
 from lomotune.optim.seeds import mix64
@@ -60,6 +64,9 @@ from lomotune.optim.seeds import mix64
 # 128 MB however large the parameter, in about 15 kernels per chunk on a GPU.
 Z_CHUNK = 1 << 22
 Z_SCRATCH_BYTES = 32
+# Streams on which prepare_kernels compares the compiled z with the eager ops (the
+# largest key: the hash's 64-bit wrap-around is what a backend would get wrong).
+_Z_PROBE_KEYS = (2**64 - 1, 12345)
 
 
 def no_weight_decay(name: str) -> bool:
@@ -101,6 +108,9 @@ class MezoEngine:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.decay = [not no_weight_decay(n) for n in self.names]
+        # Why z is drawn by the eager ops and not one compiled kernel (prepare_kernels);
+        # an engine never prepared draws it eagerly.
+        self.why_eager_z: str | None = "the z kernel was not built before training"
 
     # -- the step ----------------------------------------------------------------------
 
@@ -198,7 +208,46 @@ class MezoEngine:
         return mix64(self.seed, step, direction)
 
     def _z(self, param: torch.Tensor, seed: int, index: int) -> torch.Tensor:
-        return standard_normal(mix64(seed, index), param.shape, param.dtype, param.device)
+        key = mix64(seed, index)
+        if self.why_eager_z is None:
+            out = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+            try:
+                kernels.compiled(normal_into)(out.view(-1), as_int64(key), 0)
+                return out
+            except Exception as e:  # the eager ops draw the same z
+                self.why_eager_z = f"the compiled z kernel failed ({e.__class__.__name__})"
+                warnings.warn(f"{self.why_eager_z}; eager ops from now on", RuntimeWarning,
+                              stacklevel=2)  # fmt: skip
+        return standard_normal(key, param.shape, param.dtype, param.device)
+
+    def prepare_kernels(self) -> str | None:
+        """Build z's compiled kernel for this run's device and dtypes and check it against
+        the eager ops on the CPU, before training: None when the steps will call it, else
+        why not (they draw z with the eager ops, some 15 passes over memory an element
+        where the kernel makes one: 14.6 s against 1.0 s for 135M elements on a 2-core
+        AVX2 CPU, BENCHMARKS.md). Unlike the fused updates this compiles on a CPU too
+        (inductor's C++ backend; a C++ compiler needed), because z is most of a MeZO step
+        there. The two agree to fp32 rounding, not bit for bit (their log and cos round
+        differently in the last place, ~1e-6): a run keeps the path it started with, and
+        train.py makes the processes of a run take the same one."""
+        device = self.params[0].device
+        try:
+            for dtype in {p.dtype for p in self.params}:
+                for key in _Z_PROBE_KEYS:
+                    got = torch.empty(4096, dtype=dtype, device=device)
+                    kernels.compiled(normal_into)(got, as_int64(key), 0)
+                    want = standard_normal(key, got.shape, torch.float32, torch.device("cpu"))
+                    # A wrong integer hash gives unrelated values, not last-place ones.
+                    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+                    if not torch.allclose(got.cpu().float(), want, rtol=tolerance, atol=1e-6):
+                        self.why_eager_z = "the compiled z kernel disagreed with the eager ops"
+                        return self.why_eager_z
+        except Exception as e:  # no compiler, no Triton, a backend error: eager z
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            self.why_eager_z = f"torch.compile could not build the z kernel ({first})"
+            return self.why_eager_z
+        self.why_eager_z = None
+        return None
 
     # -- state -------------------------------------------------------------------------
 
@@ -223,16 +272,33 @@ def standard_normal(
 ) -> torch.Tensor:
     """N(0, 1) values of stream `key`, element k a pure function of (key, k) on every
     device: the 64-bit hash of k gives two 24-bit uniforms u1 in (0, 1], u2 in [0, 1),
-    and z = sqrt(-2 ln u1) cos(2 pi u2) (Box-Muller), in fp32, then cast to `dtype`."""
+    and z = sqrt(-2 ln u1) cos(2 pi u2) (Box-Muller), in fp32, then cast to `dtype`.
+    Eager ops, a chunk of Z_CHUNK elements at a time (see normal_into for one kernel)."""
     out = torch.empty(shape, dtype=dtype, device=device)
     flat = out.view(-1)
     key = as_int64(key)
     for start in range(0, flat.numel(), Z_CHUNK):
         n = min(Z_CHUNK, flat.numel() - start)
-        bits = hash64_at(key, torch.arange(start, start + n, device=device))
-        u1 = ((bits >> 40) & 0xFFFFFF).add_(1).to(torch.float32).mul_(2.0**-24)
-        u2 = ((bits >> 16) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24 * 2 * math.pi)
-        del bits
-        flat[start : start + n] = u1.log_().mul_(-2.0).sqrt_().mul_(u2.cos_())
-        del u1, u2  # before the next chunk's hash
+        flat[start : start + n] = normal_elementwise(
+            key, torch.arange(start, start + n, device=device)
+        )
     return out
+
+
+def normal_elementwise(key: int, index: torch.Tensor) -> torch.Tensor:
+    """z at each int64 `index` of stream `key` (as_int64), in fp32: an elementwise
+    function of the index, which torch.compile makes one kernel of (normal_into)."""
+    bits = hash64_at(key, index)
+    del index  # the caller passes it inline: freed here, the eager draw's scratch stays
+    # Z_SCRATCH_BYTES an element (in place, the int64 bits freed first)
+    u1 = ((bits >> 40) & 0xFFFFFF).add_(1).to(torch.float32).mul_(2.0**-24)
+    u2 = ((bits >> 16) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24 * 2 * math.pi)
+    del bits
+    return u1.log_().mul_(-2.0).sqrt_().mul_(u2.cos_())
+
+
+def normal_into(out: torch.Tensor, key: int, start: int) -> None:
+    """out (flat) <- z at elements start .. of stream `key`, cast to out's dtype: compiled,
+    one pass that writes out and allocates nothing."""
+    index = torch.arange(start, start + out.numel(), device=out.device)
+    out.copy_(normal_elementwise(key, index))
