@@ -18,21 +18,24 @@ so the data (builtin:dates, 1000 examples, 10% held out), the batch size (8), th
 schedule (cosine, 3 warmup steps) and the seed are the quickstart's. A method may be
 written `name@precision` to run it in another precision (e.g. `adamw@fp32`).
 
-Default learning rates, from the papers and the quickstart:
+Default learning rates, from the papers and the quickstart (a method not listed here
+runs at its registry default, `lomotune/methods.py`):
 - lomo 3e-3: the quickstart's (DESIGN.md: 30/40 after 30 bf16 steps);
 - sgd 3e-3: the same update as lomo, applied after the full backward (torch.optim.SGD,
-  bf16 weights rounded to nearest, no stochastic rounding);
+  no stochastic rounding of bf16 weights);
 - adalomo 1e-3: AdaLomo's update has RMS <= 1 and is scaled by RMS(theta), so lr is a
   relative step size; the paper and lomo_optim default sit at 5e-4..1e-3;
 - mezo 1e-6 in fp32, eps 1e-3: the MeZO paper's full-parameter setting; its runs take
   tens of thousands of steps, so a few hundred do not move the loss much (and bf16
   weights would add a random walk on every perturb/restore: see optim/mezo.py);
-- qlora-sgd 2e-2: only the adapters train, and LoRA B starts at zero with the small
-  alpha/r = 0.25 scaling, so SGD needs a much larger lr;
-- adamw 3e-5, adam-mini 3e-5: usual full fine-tuning values. In pure bf16 (the
-  quickstart's precision) an Adam step of ~lr per weight is below bf16's resolution for
-  most weights and is rounded away: run `adamw@fp32` to see what AdamW does when it is
-  not.
+- qlora-sgd: its default (only the adapters train, LoRA B starts at zero and alpha/r
+  is 0.25, so plain SGD needs a step far larger than full fine-tuning's);
+- adamw, adamw-pure, adam-mini 3e-5: usual full fine-tuning values. adamw-pure keeps
+  bf16 weights where the precision is bf16, and an Adam step of ~lr per weight is below
+  bf16's resolution for most of them: it is the form that loses updates to rounding.
+
+Every method runs in the quickstart's precision, `auto` (bf16 where the machine computes
+it natively, fp32 elsewhere; the table shows which), except mezo (fp32).
 
 Output: a table of first/final train loss (mean of the last 10 steps, and the
 dashboard's smoothed EMA), eval loss on the held-out split, held-out exact match before
@@ -51,6 +54,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from bench_common import library_version  # scripts/ is on sys.path when run as a script
 
 from lomotune import methods
@@ -64,11 +68,13 @@ QUICKSTART_LR = {
     "sgd": 3e-3,
     "adalomo": 1e-3,
     "mezo": 1e-6,
-    "qlora-sgd": 2e-2,
     "adamw": 3e-5,
+    "adamw-pure": 3e-5,
     "adam-mini": 3e-5,
 }
-DEFAULT_PRECISION = {"mezo": "fp32"}  # everything else: the quickstart's bf16
+# Everything else runs in the quickstart's own precision (auto: bf16 where the machine
+# computes it natively, fp32 elsewhere), as a user's quickstart does.
+DEFAULT_PRECISION = {"mezo": "fp32"}
 
 
 def parse_map(text: str | None) -> dict[str, str]:
@@ -103,7 +109,7 @@ def lomotune_command(no_repack: bool = False) -> list[str]:
 
 def run_method(spec: str, args: argparse.Namespace, lrs: dict, extra: list[str]) -> dict:
     name, _, precision = spec.partition("@")
-    precision = precision or DEFAULT_PRECISION.get(name, "bf16")
+    precision = precision or DEFAULT_PRECISION.get(name, "auto")
     lr = float(lrs.get(spec, lrs.get(name, QUICKSTART_LR.get(name, methods.method(name).lr))))
     no_repack = args.bnb_no_repack and methods.method(name).quantized_base
     label = spec + (" (no bnb CPU repack)" if no_repack else "")
@@ -143,6 +149,10 @@ def run_method(spec: str, args: argparse.Namespace, lrs: dict, extra: list[str])
         row["error"] = f"exit {done.returncode}: " + " | ".join(tail)
         return row
     summary = json.loads((out_dir / "summary.json").read_text())
+    # the precision `auto` chose on this machine, as the run saved its recipe
+    resolved = yaml.safe_load((out_dir / "recipe.yaml").read_text())["model"]["precision"]
+    if resolved != precision:
+        row["precision"] = f"{precision} ({resolved})"
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     after = next((r for r in records if r["kind"] == "eval" and "accuracy_after" in r), {})

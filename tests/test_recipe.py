@@ -124,7 +124,8 @@ def test_methods_not_combinable(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method, lr", [("lomo", 1e-2), ("adalomo", 1e-3), ("mezo", 1e-6), ("adamw", 2e-5)]
+    "method, lr",
+    [("lomo", 1e-2), ("adalomo", 1e-3), ("mezo", 1e-6), ("adamw", 2e-5), ("qlora-sgd", 0.3)],
 )
 def test_each_method_has_its_own_default_lr(tmp_path, method, lr):
     recipe = load_recipe(
@@ -198,3 +199,23 @@ def test_the_readme_recipe_listing_is_the_schema(tmp_path):
                 assert value == default_part[key], f"{path}{key}: README {value!r}"
 
     compare(shown, defaults, "")
+
+
+def test_the_readme_lr_table_is_the_registry():
+    """The README's per-method table shows each method's default and usual range as the
+    registry holds them (the numbers a user reads before choosing an lr)."""
+    import re
+
+    from lomotune import methods
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("| method | default lr | usual range | from |") :]
+    rows = re.findall(r"^\| (`[^|]+) \| ([0-9.e-]+)[^|]* \| ([0-9.e-]+) \.\. ([0-9.e-]+) \|",
+                      table.split("\n\n")[0], re.M)  # fmt: skip
+    seen = set()
+    for names, lr, low, high in rows:
+        for name in re.findall(r"`([a-z-]+)`", names):
+            method = methods.method(name)
+            assert (method.lr, method.usual_lr) == (float(lr), (float(low), float(high))), name
+            seen.add(name)
+    assert seen == set(methods.NAMES)
