@@ -134,7 +134,7 @@ def recipe_text(task_name: str, method_name: str) -> str:
                  "max_length": task.max_length},
         "optimizer": {"name": method_name, **setup.optimizer},
         "training": {"batch_size": setup.batch_size,
-                     "epochs": task.epochs * setup.epochs_factor,
+                     "epochs": round(task.epochs * setup.epochs_factor, 4),  # no float noise in the YAML
                      "eval_every": 0, "save_every": 0, "seed": 42,
                      "output_dir": f"runs/{name}"},
         "hardware": {"gpus": "auto"},
